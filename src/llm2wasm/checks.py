@@ -1,0 +1,87 @@
+"""Pure helpers behind the testinfra checks in verify/ (unit-tested in tests/unit)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+UNKNOWN_COMMITS = {"", "NOT-FOUND", "NOT_FOUND", "UNKNOWN", "NONE"}
+
+
+def env_dict(env_list: list[str] | None) -> dict[str, str]:
+    """Docker's Config.Env (["K=V", ...]) as a dict."""
+    result = {}
+    for item in env_list or []:
+        key, _, value = item.partition("=")
+        result[key] = value
+    return result
+
+
+def bad_path_entries(value: str) -> list[str]:
+    """Entries of a PATH-like value that cannot be right: empty (means the current directory),
+    relative, or carrying '=' or spaces (what `ENV PATH = /a:/b` leaves behind)."""
+    bad = []
+    for entry in value.split(":"):
+        if entry == "" or not entry.startswith("/") or "=" in entry or " " in entry:
+            bad.append(entry)
+    return bad
+
+
+def env_garbage(env: dict[str, str]) -> list[str]:
+    """Variables set by a malformed ENV line: an empty name, or a value starting with '= '."""
+    return [key for key, value in env.items() if not key or value.startswith("=") or key != key.strip()]
+
+
+EMCC_VERSION = re.compile(r"^emcc \(Emscripten gcc/clang-like replacement[^)]*\) (\d+\.\d+\.\d+)")
+
+
+def emcc_version(first_line: str) -> str | None:
+    match = EMCC_VERSION.match(first_line.strip())
+    return match.group(1) if match else None
+
+
+def requirement_pin(requirement: str) -> tuple[str, str | None]:
+    """'mlc-ai-cu128==0.20.0' -> ('mlc-ai-cu128', '0.20.0'); 'mlc-llm-nightly-cu128' -> (name, None)."""
+    name, sep, version = requirement.partition("==")
+    name = re.split(r"[<>!~\[; ]", name, maxsplit=1)[0].strip()
+    return normalize(name), (version.strip() or None) if sep else None
+
+
+def normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def version_matches(installed: str, pinned: str) -> bool:
+    """Exact, allowing a pinned public version to match an installed local build ('2.13.0+cpu')."""
+    return installed == pinned or ("+" not in pinned and installed.split("+")[0] == pinned)
+
+
+@dataclass(frozen=True)
+class CommitCheck:
+    status: str  # "match" | "mismatch" | "unknown"
+    message: str
+
+
+def tvm_commit_check(libinfo_commit: str | None, source_commit: str | None) -> CommitCheck:
+    """Is the web runtime built from the TVM commit the installed TVM was built from?
+
+    mlc-ai builds record GIT_COMMIT_HASH in libinfo ("NOT-FOUND" when unknown); apache-tvm 0.25+
+    records none. A mismatch means model libraries fail to load in the browser (LinkError or
+    "Cannot find global function").
+    """
+    built = (libinfo_commit or "").strip()
+    source = (source_commit or "").strip()
+    if built.upper() in UNKNOWN_COMMITS or not source:
+        return CommitCheck("unknown", f"cannot compare: installed TVM commit {built or 'absent'!r}, "
+                                      f"web runtime source commit {source or 'absent'!r}")
+    if built.startswith(source) or source.startswith(built):
+        return CommitCheck("match", f"web runtime built from {source}, the installed TVM's commit")
+    return CommitCheck("mismatch", f"installed TVM was built from {built} but the web runtime from {source}: "
+                                   "pin mlc_llm_ref to the mlc-llm commit whose 3rdparty/tvm matches the wheels")
+
+
+def expected_os(base_image: str) -> tuple[str, str]:
+    """'ubuntu:24.04' -> ('ubuntu', '24.04'); 'llm2wasm-hermetic/debian:bookworm' -> ('debian', 'bookworm')."""
+    ref = base_image.split("@", 1)[0]
+    name, _, tag = ref.rpartition(":") if ":" in ref.split("/")[-1] else (ref, "", "latest")
+    return name.split("/")[-1], tag

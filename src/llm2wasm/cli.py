@@ -1,0 +1,42 @@
+"""The `llm2wasm` command inside the image: convert, selftest."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import UsageError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm2wasm",
+        description="Convert a Hugging Face model (optionally with a PEFT adapter) into a WebLLM bundle.")
+    parser.add_argument("--version", action="version", version=f"llm2wasm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from .convert.command import add_convert_arguments, add_selftest_arguments
+
+    add_convert_arguments(sub.add_parser("convert", help="convert a model folder into a WebLLM bundle"))
+    add_selftest_arguments(sub.add_parser("selftest", help="convert a tiny random Llama + LoRA end to end"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.run(args) or 0)
+    except UsageError as error:
+        print(f"llm2wasm: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("llm2wasm: interrupted; a re-run resumes after the last finished step", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

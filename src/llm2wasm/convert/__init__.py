@@ -1,0 +1,1 @@
+"""The conversion command that ships in the image (standard library only at import time)."""

@@ -1,0 +1,36 @@
+"""Argument parsing for `llm2wasm convert` and `llm2wasm selftest`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model folder (config.json, weights, tokenizer)")
+    parser.add_argument("--quantization", "-q", required=True, help="mlc_llm quantization, e.g. q4f16_1")
+    parser.add_argument("--conv-template", help="mlc_llm conversation template (default: guessed from the model)")
+    parser.add_argument("--adapter", metavar="PEFT_DIR", help="PEFT adapter to merge into the model first")
+    parser.add_argument("--model-id", help="model_id in the WebLLM app config (default: OUT's name)")
+    parser.add_argument("--prefill-chunk-size", type=int, help="prefill chunk size (1024 avoids WebGPU buffer limits)")
+    parser.add_argument("--context-window", type=int, help="context window size")
+    parser.add_argument("--base-url", help="absolute URL the bundle will be served from (WebLLM needs absolute URLs)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing, different OUT")
+    parser.add_argument("--output", "-o", required=True, metavar="OUT", help="output folder for the bundle")
+    parser.set_defaults(run=_run_convert)
+
+
+def add_selftest_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep", metavar="DIR", help="keep the selftest's model and bundle in DIR")
+    parser.set_defaults(run=_run_selftest)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .pipeline import run_convert
+
+    return run_convert(args)
+
+
+def _run_selftest(args: argparse.Namespace) -> int:
+    from .selftest import run_selftest
+
+    return run_selftest(args)

@@ -1,0 +1,153 @@
+"""The layer registry: the one list that build order, verify selection, tags and CI read.
+
+Each layer is an image built ``FROM`` its parent's image (``ARG BASE_IMAGE``), from
+``images/<name>/Dockerfile``, and is checked by ``verify/test_<module>.py`` before its child is
+built. ``build_args`` maps Dockerfile ARG names to pins in ``images/pins.toml``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+from .pins import PROJECT_ROOT
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    parent: str | None
+    summary: str
+    # Dockerfile ARG -> pin key
+    build_args: dict[str, str] = field(default_factory=dict)
+    # Build args the builder derives from the parent image (see build.derive_args)
+    derived_args: tuple[str, ...] = ()
+
+    @property
+    def dockerfile(self) -> Path:
+        return PROJECT_ROOT / "images" / self.name / "Dockerfile"
+
+    @property
+    def check_module(self) -> Path:
+        return PROJECT_ROOT / "verify" / f"test_{self.name.replace('-', '_')}.py"
+
+    def tag(self, profile: str, repository: str = "llm2wasm") -> str:
+        return f"{repository}:{self.name}-{profile}"
+
+
+LAYERS: tuple[Layer, ...] = (
+    Layer(
+        "base",
+        None,
+        "OS base with the tools conversions use (curl, wget, unzip, git, git-lfs, nano, CA certificates)",
+        {"BASE_IMAGE": "base_image"},
+    ),
+    Layer(
+        "python",
+        "base",
+        "Python from the distribution in a virtual environment at /opt/venv, first on PATH",
+        {"PYTHON_VERSION": "python_version"},
+    ),
+    Layer(
+        "ml",
+        "python",
+        "torch, transformers, peft, bitsandbytes and the MLC wheels (mlc-ai + mlc-llm)",
+        {
+            "PIP_OPTIONS": "pip_options",
+            "MLC_WHEEL_INDEX": "mlc_wheel_index",
+            "MLC_AI_REQUIREMENT": "mlc_ai_requirement",
+            "MLC_LLM_REQUIREMENT": "mlc_llm_requirement",
+            "TORCH_REQUIREMENT": "torch_requirement",
+            "TRANSFORMERS_REQUIREMENT": "transformers_requirement",
+            "PEFT_REQUIREMENT": "peft_requirement",
+            "BITSANDBYTES_REQUIREMENT": "bitsandbytes_requirement",
+        },
+    ),
+    Layer(
+        "emsdk",
+        "ml",
+        "pinned emsdk checkout with the pinned SDK installed and activated; emcc, node, npm on PATH",
+        {"EMSDK_REPO": "emsdk_repo", "EMSDK_REF": "emsdk_ref", "EMSDK_VERSION": "emsdk_version"},
+    ),
+    Layer(
+        "web-runtime",
+        "emsdk",
+        "mlc-llm at the pinned ref with submodules; mlc-llm and TVM web runtimes built from its TVM",
+        {"MLC_LLM_REPO": "mlc_llm_repo", "MLC_LLM_REF": "mlc_llm_ref"},
+    ),
+    Layer(
+        "runtime-env",
+        "web-runtime",
+        "LD_LIBRARY_PATH from the installed nvidia-* wheels; TVM's emcc.py patched (patches/)",
+        derived_args=("CUDA_LIBRARY_PATH",),
+    ),
+    Layer(
+        "app",
+        "runtime-env",
+        "the llm2wasm conversion command, run as an unprivileged user",
+        {"PIP_OPTIONS": "pip_options"},
+    ),
+)
+
+LAYERS_BY_NAME = {layer.name: layer for layer in LAYERS}
+FINAL_LAYER = LAYERS[-1].name
+
+
+def get_layer(name: str) -> Layer:
+    try:
+        return LAYERS_BY_NAME[name]
+    except KeyError:
+        known = ", ".join(LAYERS_BY_NAME)
+        raise UsageError(f"unknown layer {name!r}: choose one of {known}") from None
+
+
+def ancestors(name: str) -> list[Layer]:
+    """The layer and every layer below it, base first."""
+    chain = []
+    layer: Layer | None = get_layer(name)
+    while layer is not None:
+        chain.append(layer)
+        layer = LAYERS_BY_NAME[layer.parent] if layer.parent else None
+    return list(reversed(chain))
+
+
+def layers_until(name: str | None) -> list[Layer]:
+    """Layers in build order, up to and including ``name`` (all when None)."""
+    if name is None:
+        return list(LAYERS)
+    return ancestors(name)
+
+
+def validate_registry() -> None:
+    """The registry is a chain in order and every file it names exists."""
+    seen: set[str] = set()
+    for layer in LAYERS:
+        if layer.parent is not None and layer.parent not in seen:
+            raise AssertionError(f"layer {layer.name} comes before its parent {layer.parent}")
+        for path in (layer.dockerfile, layer.check_module):
+            if not path.is_file():
+                raise AssertionError(f"layer {layer.name}: {path} is missing")
+        seen.add(layer.name)
+
+
+def registry_json() -> str:
+    """The registry for CI (a build matrix) and other tools that are not Python."""
+    return json.dumps(
+        [
+            {
+                "name": layer.name,
+                "parent": layer.parent,
+                "dockerfile": str(layer.dockerfile.relative_to(PROJECT_ROOT)),
+                "checks": str(layer.check_module.relative_to(PROJECT_ROOT)),
+                "summary": layer.summary,
+            }
+            for layer in LAYERS
+        ],
+        indent=2,
+    )
+
+
+if __name__ == "__main__":
+    print(registry_json())

@@ -1,0 +1,50 @@
+"""Which image IDs passed which checks: an unchanged layer is not verified again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from .layers import ancestors
+from .pins import PROJECT_ROOT, Profile
+
+STATE_DIR = PROJECT_ROOT / ".llm2wasm"
+
+
+def checks_digest(layer: str, profile: Profile) -> str:
+    """Changes when a check that applies to the layer, or any pin, changes."""
+    digest = hashlib.sha256()
+    files = [PROJECT_ROOT / "verify" / "conftest.py", PROJECT_ROOT / "src" / "llm2wasm" / "checks.py"]
+    files += [step.check_module for step in ancestors(layer)]
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    digest.update(json.dumps(profile.pins, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+class VerifiedImages:
+    def __init__(self, repository: str, profile: str, state_dir: Path = STATE_DIR):
+        self.path = state_dir / "state" / f"{repository.replace('/', '_')}-{profile}.json"
+        try:
+            self.records = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            self.records = {}
+
+    def is_verified(self, layer: str, image_id: str, digest: str) -> bool:
+        record = self.records.get(layer)
+        return bool(record) and record["image_id"] == image_id and record["checks_digest"] == digest
+
+    def record(self, layer: str, image_id: str, digest: str) -> None:
+        self.records[layer] = {"image_id": image_id, "checks_digest": digest,
+                               "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.records, indent=2))
+        tmp.replace(self.path)
+
+    def forget(self, layer: str) -> None:
+        if self.records.pop(layer, None) is not None:
+            self.path.write_text(json.dumps(self.records, indent=2))

@@ -1,0 +1,145 @@
+"""llm2wasm tasks (invoke). Thin: each task parses flags and calls the tested package in src/.
+
+    invoke build [--profile P] [--until LAYER] [--set KEY=VALUE ...] [--dry-run]
+    invoke verify [--profile P] [--layer L]
+    invoke convert MODEL_DIR -q Q -o OUT [...]
+    invoke test | lint | layers | mirror | publish | doctor | clean
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+from invoke import Collection, Exit, task
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from llm2wasm.errors import BuildFailed, UsageError  # noqa: E402
+
+
+def friendly(func):
+    """Turn the package's errors into a one-line message and its exit status (2: bad input)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UsageError as error:
+            raise Exit(f"error: {error}", code=error.exit_code) from None
+        except BuildFailed as error:
+            raise Exit(f"build stopped at layer {error.layer!r}: {error.reason}", code=error.exit_code) from None
+
+    return wrapper
+
+
+PROFILE_HELP = "pin profile from images/pins.toml: stable (default), nightly, cpu, hermetic"
+SET_HELP = "override one pin for this run, KEY=VALUE (repeatable), e.g. emsdk_version=3.1.56"
+
+
+@task(
+    help={
+        "profile": PROFILE_HELP,
+        "until": "stop after this layer (default: build every layer)",
+        "set_": SET_HELP,
+        "dry_run": "print the exact plan (images, build args, pin sources) and build nothing",
+        "quiet": "show only progress lines; full output goes to .llm2wasm/logs/",
+        "reverify": "run the checks even for images that already passed them",
+        "repository": "image repository for the tags (default llm2wasm)",
+        "images": "folder of layer Dockerfiles (default images/)",
+    },
+    iterable=["set_"],
+)
+@friendly
+def build(c, profile="stable", until=None, set_=None, dry_run=False, quiet=False, reverify=False,
+          repository="llm2wasm", images=None):
+    """Build the layer chain; each layer is verified (testinfra) before the next is built."""
+    from llm2wasm.build import Reporter, build_plan
+    from llm2wasm.pins import resolve_profile
+    from llm2wasm.plan import make_plan
+
+    plan = make_plan(resolve_profile(profile, set_ or []), until=until, repository=repository,
+                     images_dir=Path(images) if images else None)
+    if dry_run:
+        print(plan.describe())
+        return
+    results = build_plan(plan, Reporter(quiet=quiet), reverify=reverify)
+    print(f"built and verified {len(results)} layer(s); final image {results[-1].tag}")
+
+
+@task(
+    help={
+        "profile": PROFILE_HELP,
+        "layer": "check only this layer's image (default: every layer, top to bottom)",
+        "set_": SET_HELP,
+        "own_only": "run only the layer's own checks, not its parents' as well",
+        "repository": "image repository of the tags (default llm2wasm)",
+    },
+    iterable=["set_"],
+)
+@friendly
+def verify(c, profile="stable", layer=None, set_=None, own_only=False, repository="llm2wasm"):
+    """Run the testinfra checks on built images, on demand."""
+    from llm2wasm import docker
+    from llm2wasm.layers import LAYERS, get_layer
+    from llm2wasm.pins import resolve_profile
+    from llm2wasm.verify import run_checks
+
+    pins = resolve_profile(profile, set_ or [])
+    layers = [get_layer(layer)] if layer else list(LAYERS)
+    failed = []
+    for entry in layers:
+        tag = entry.tag(profile, repository)
+        if docker.image_id(tag) is None:
+            raise UsageError(f"image {tag} not found: build it first with `invoke build --profile {profile} "
+                             f"--until {entry.name}`")
+        result = run_checks(tag, entry.name, pins, own_only=own_only)
+        print(f"{entry.name:12} {'PASS' if result.passed else 'FAIL'}  {result.summary}  ({result.seconds:.1f}s)")
+        if not result.passed:
+            print(result.output)
+            failed.append(entry.name)
+    if failed:
+        raise Exit(f"checks failed for: {', '.join(failed)}", code=1)
+
+
+@task(help={"json": "print the registry as JSON (what CI reads)"})
+def layers(c, json=False):
+    """List the layers in build order."""
+    from llm2wasm.layers import LAYERS, registry_json
+
+    if json:
+        print(registry_json())
+        return
+    for layer in LAYERS:
+        print(f"{layer.name:12} <- {layer.parent or '(pin base_image)':12} {layer.summary}")
+
+
+@task
+def lint(c):
+    """ruff on the code and hadolint on every Dockerfile (the workflows are checked in tests/unit)."""
+    from llm2wasm.layers import LAYERS
+
+    c.run("ruff check .")
+    c.run("ruff format --check .")
+    dockerfiles = " ".join(str(layer.dockerfile.relative_to(ROOT)) for layer in LAYERS)
+    c.run(f"hadolint --config .hadolint.yaml {dockerfiles}")
+
+
+@task(help={"unit": "only the unit tests (no Docker engine needed)", "k": "pytest -k expression"})
+def test(c, unit=False, k=None):
+    """Run the test suite: unit tests, then integration tests on the hermetic mirror."""
+    args = ["-m", "'not integration'"] if unit else []
+    if k:
+        args += ["-k", f"'{k}'"]
+    c.run(f"{sys.executable} -m pytest {' '.join(args)}", pty=False)
+
+
+@task(help={"action": "up (default), down or status"})
+def mirror(c, action="up"):
+    """Start or stop the hermetic local mirror (wheelhouse, git stand-ins, Debian base image)."""
+    c.run(f"{sys.executable} tests/hermetic/mirror.py {action}")
+
+
+ns = Collection(build, verify, layers, lint, test, mirror)

@@ -1,0 +1,1 @@
+// STAND-IN source for TVM web/emcc/webgpu_runtime.cc; the stand-in emcc compiles nothing.

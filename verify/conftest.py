@@ -1,0 +1,91 @@
+"""Fixtures for the image checks: a throwaway container of the image under test, a testinfra host
+for it, the image's metadata (docker exec skips the entrypoint and ENV may differ inside, so both
+are checked), and the pins of the profile it was built from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import testinfra
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from llm2wasm.checks import env_dict  # noqa: E402
+from llm2wasm.pins import Profile  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--image", required=True, help="image ID or tag to check")
+    parser.addoption("--layer", required=True, help="the layer the image is")
+    parser.addoption("--pins-json", required=True, help="the resolved profile (JSON) the image was built from")
+
+
+@pytest.fixture(scope="session")
+def image(request) -> str:
+    return request.config.getoption("--image")
+
+
+@pytest.fixture(scope="session")
+def pins(request) -> Profile:
+    return Profile.from_json(json.loads(Path(request.config.getoption("--pins-json")).read_text()))
+
+
+@pytest.fixture(scope="session")
+def image_config(image) -> dict:
+    out = subprocess.run(["docker", "image", "inspect", image], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)[0]["Config"]
+
+
+@pytest.fixture(scope="session")
+def image_env(image_config) -> dict[str, str]:
+    return env_dict(image_config.get("Env"))
+
+
+@pytest.fixture(scope="session")
+def container(image):
+    name = f"llm2wasm-verify-{uuid.uuid4().hex[:12]}"
+    subprocess.run(["docker", "run", "-d", "--rm", "--name", name, "--network", "none",
+                    "--entrypoint", "sleep", image, "infinity"], check=True, capture_output=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def host(container):
+    return testinfra.get_host(f"docker://{container}")
+
+
+class Exec:
+    """docker exec with a timeout, stdin and a user (what testinfra's host.run lacks)."""
+
+    def __init__(self, container: str):
+        self.container = container
+
+    def __call__(self, *cmd: str, stdin: str | None = None, user: str | None = None,
+                 timeout: float = 120) -> subprocess.CompletedProcess:
+        args = ["docker", "exec", "-i"]
+        if user:
+            args += ["--user", user]
+        return subprocess.run([*args, self.container, *cmd], input=stdin, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def python(self, source: str, **kwargs) -> subprocess.CompletedProcess:
+        return self("python", "-", stdin=source, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def exec_(container) -> Exec:
+    return Exec(container)
+
+
+@pytest.fixture(scope="session")
+def container_env(exec_) -> dict[str, str]:
+    out = exec_("env", "-0").stdout
+    return dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
