@@ -1,9 +1,9 @@
 """llm2wasm tasks (invoke). Thin: each task parses flags and calls the tested package in src/.
 
-    invoke build [--profile P] [--until LAYER] [--set KEY=VALUE ...] [--dry-run]
-    invoke verify [--profile P] [--layer L]
-    invoke convert MODEL_DIR -q Q -o OUT [...]
-    invoke test | lint | layers | mirror | publish | doctor | clean
+invoke build [--profile P] [--until LAYER] [--set KEY=VALUE ...] [--dry-run]
+invoke verify [--profile P] [--layer L]
+invoke convert MODEL_DIR -q Q -o OUT [...]
+invoke test | lint | layers | mirror | publish | doctor | clean
 """
 
 from __future__ import annotations
@@ -53,15 +53,28 @@ SET_HELP = "override one pin for this run, KEY=VALUE (repeatable), e.g. emsdk_ve
     iterable=["set_"],
 )
 @friendly
-def build(c, profile="stable", until=None, set_=None, dry_run=False, quiet=False, reverify=False,
-          repository="llm2wasm", images=None):
+def build(
+    c,
+    profile="stable",
+    until=None,
+    set_=None,
+    dry_run=False,
+    quiet=False,
+    reverify=False,
+    repository="llm2wasm",
+    images=None,
+):
     """Build the layer chain; each layer is verified (testinfra) before the next is built."""
     from llm2wasm.build import Reporter, build_plan
     from llm2wasm.pins import resolve_profile
     from llm2wasm.plan import make_plan
 
-    plan = make_plan(resolve_profile(profile, set_ or []), until=until, repository=repository,
-                     images_dir=Path(images) if images else None)
+    plan = make_plan(
+        resolve_profile(profile, set_ or []),
+        until=until,
+        repository=repository,
+        images_dir=Path(images) if images else None,
+    )
     if dry_run:
         print(plan.describe())
         return
@@ -93,8 +106,9 @@ def verify(c, profile="stable", layer=None, set_=None, own_only=False, repositor
     for entry in layers:
         tag = entry.tag(profile, repository)
         if docker.image_id(tag) is None:
-            raise UsageError(f"image {tag} not found: build it first with `invoke build --profile {profile} "
-                             f"--until {entry.name}`")
+            raise UsageError(
+                f"image {tag} not found: build it first with `invoke build --profile {profile} --until {entry.name}`"
+            )
         result = run_checks(tag, entry.name, pins, own_only=own_only)
         print(f"{entry.name:12} {'PASS' if result.passed else 'FAIL'}  {result.summary}  ({result.seconds:.1f}s)")
         if not result.passed:
@@ -102,6 +116,70 @@ def verify(c, profile="stable", layer=None, set_=None, own_only=False, repositor
             failed.append(entry.name)
     if failed:
         raise Exit(f"checks failed for: {', '.join(failed)}", code=1)
+
+
+@task(
+    help={
+        "model_dir": "Hugging Face model folder on this host (mounted read-only)",
+        "quantization": "mlc_llm quantization for WebGPU: q4f16_1 (usual), q4f32_1, q3f16_1, q0f16, q0f32",
+        "output": "output folder on this host; files are owned by you",
+        "adapter": "PEFT adapter folder to merge first (mounted read-only)",
+        "conv_template": "mlc_llm conversation template (default: guessed from the model type)",
+        "model_id": "model_id in the WebLLM app config (default: the output folder's name)",
+        "prefill_chunk_size": "prefill chunk size; 1024 avoids WebGPU buffer-size errors",
+        "context_window": "context window size",
+        "base_url": "absolute URL the bundle will be served from (default http://localhost:8000/)",
+        "force": "replace an output folder that holds something else",
+        "profile": "which built image to use (llm2wasm:app-PROFILE); default stable",
+        "image": "run this image instead of llm2wasm:app-PROFILE",
+        "cpu": "do not pass the GPU even when Docker has the NVIDIA runtime",
+    }
+)
+@friendly
+def convert(
+    c,
+    model_dir,
+    quantization,
+    output,
+    adapter=None,
+    conv_template=None,
+    model_id=None,
+    prefill_chunk_size=None,
+    context_window=None,
+    base_url=None,
+    force=False,
+    profile="stable",
+    image=None,
+    cpu=False,
+):
+    """Convert a model (and optional PEFT adapter) into a WebLLM bundle, in the built image."""
+    from llm2wasm.layers import FINAL_LAYER, get_layer
+    from llm2wasm.run import ConvertJob, run_convert_job
+
+    options = []
+    for flag, value in (
+        ("--conv-template", conv_template),
+        ("--model-id", model_id),
+        ("--prefill-chunk-size", prefill_chunk_size),
+        ("--context-window", context_window),
+        ("--base-url", base_url),
+    ):
+        if value is not None:
+            options += [flag, str(value)]
+    if force:
+        options.append("--force")
+    job = ConvertJob(
+        image=image or get_layer(FINAL_LAYER).tag(profile),
+        model_dir=Path(model_dir),
+        output=Path(output),
+        quantization=quantization,
+        adapter=Path(adapter) if adapter else None,
+        options=options,
+        gpu=False if cpu else None,
+    )
+    status = run_convert_job(job)
+    if status:
+        raise Exit(code=status)
 
 
 @task(help={"json": "print the registry as JSON (what CI reads)"})
@@ -142,4 +220,4 @@ def mirror(c, action="up"):
     c.run(f"{sys.executable} tests/hermetic/mirror.py {action}")
 
 
-ns = Collection(build, verify, layers, lint, test, mirror)
+ns = Collection(build, verify, convert, layers, lint, test, mirror)

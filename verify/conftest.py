@@ -15,8 +15,8 @@ import testinfra
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from llm2wasm.checks import env_dict  # noqa: E402
-from llm2wasm.pins import Profile  # noqa: E402
+from llm2wasm.checks import env_dict
+from llm2wasm.pins import Profile
 
 
 def pytest_addoption(parser):
@@ -49,8 +49,24 @@ def image_env(image_config) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def container(image):
     name = f"llm2wasm-verify-{uuid.uuid4().hex[:12]}"
-    subprocess.run(["docker", "run", "-d", "--rm", "--name", name, "--network", "none",
-                    "--entrypoint", "sleep", image, "infinity"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "docker",
+            "run",
+            "-d",
+            "--rm",
+            "--name",
+            name,
+            "--network",
+            "none",
+            "--entrypoint",
+            "sleep",
+            image,
+            "infinity",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield name
     finally:
@@ -68,13 +84,15 @@ class Exec:
     def __init__(self, container: str):
         self.container = container
 
-    def __call__(self, *cmd: str, stdin: str | None = None, user: str | None = None,
-                 timeout: float = 120) -> subprocess.CompletedProcess:
+    def __call__(
+        self, *cmd: str, stdin: str | None = None, user: str | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
         args = ["docker", "exec", "-i"]
         if user:
             args += ["--user", user]
-        return subprocess.run([*args, self.container, *cmd], input=stdin, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [*args, self.container, *cmd], input=stdin, capture_output=True, text=True, timeout=timeout
+        )
 
     def python(self, source: str, **kwargs) -> subprocess.CompletedProcess:
         return self("python", "-", stdin=source, **kwargs)

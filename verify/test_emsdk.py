@@ -23,15 +23,17 @@ def test_emsdk_variables_point_at_real_files(host, image_env):
 
 
 def test_node_and_npm_on_path_are_emsdks(host, image_env):
-    assert host.check_output("readlink -f \"$(command -v node)\"") == host.check_output(
-        f"readlink -f {image_env['EMSDK_NODE']}")
+    assert host.check_output('readlink -f "$(command -v node)"') == host.check_output(
+        f"readlink -f {image_env['EMSDK_NODE']}"
+    )
     assert host.run("node --version").rc == 0
     assert host.run("npm --version").rc == 0
 
 
 def test_env_matches_emsdks_own(host, image_env):
     own = host.check_output(
-        "bash -c 'source \"$EMSDK/emsdk_env.sh\" >/dev/null 2>&1 && readlink -f \"$EMSDK_NODE\" && echo \"$EMSDK\"'")
+        'bash -c \'source "$EMSDK/emsdk_env.sh" >/dev/null 2>&1 && readlink -f "$EMSDK_NODE" && echo "$EMSDK"\''
+    )
     node, emsdk = own.splitlines()
     assert emsdk == image_env["EMSDK"]
     assert node == host.check_output(f"readlink -f {image_env['EMSDK_NODE']}")

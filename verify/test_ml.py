@@ -4,8 +4,14 @@ import pytest
 
 from llm2wasm.checks import normalize, requirement_pin, version_matches
 
-PINNED = ["torch_requirement", "transformers_requirement", "peft_requirement", "bitsandbytes_requirement",
-          "mlc_ai_requirement", "mlc_llm_requirement"]
+PINNED = [
+    "torch_requirement",
+    "transformers_requirement",
+    "peft_requirement",
+    "bitsandbytes_requirement",
+    "mlc_ai_requirement",
+    "mlc_llm_requirement",
+]
 
 
 @pytest.fixture(scope="module")

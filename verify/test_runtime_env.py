@@ -33,7 +33,8 @@ def test_patched_helper_resolves_the_bitcode(exec_, image_env):
         "    try:\n        module = importlib.import_module(name)\n        break\n"
         "    except ImportError:\n        continue\n"
         "for bc in ('wasm_runtime.bc', 'tvmjs_support.bc', 'webgpu_runtime.bc'):\n"
-        "    print(module.llm2wasm_runtime_lib(bc))\n")
+        "    print(module.llm2wasm_runtime_lib(bc))\n"
+    )
     assert result.returncode == 0, result.stderr
     directory = image_env["LLM2WASM_WASM_RUNTIME_DIR"]
     assert result.stdout.split() == [posixpath.join(directory, name) for name in RUNTIME_BC]

@@ -7,8 +7,14 @@ import pytest
 
 from llm2wasm.checks import tvm_commit_check
 
-TVM_OUTPUTS = ["wasm_runtime.bc", "tvmjs_support.bc", "webgpu_runtime.bc", "tvmjs_runtime.wasm",
-               "tvmjs_runtime.js", "tvmjs_runtime.wasi.js"]
+TVM_OUTPUTS = [
+    "wasm_runtime.bc",
+    "tvmjs_support.bc",
+    "webgpu_runtime.bc",
+    "tvmjs_runtime.wasm",
+    "tvmjs_runtime.js",
+    "tvmjs_runtime.wasi.js",
+]
 
 
 def test_source_variables(host, image_env):
@@ -50,7 +56,8 @@ def test_web_runtime_tvm_is_the_installed_tvms_commit(host, exec_, image_env):
         "import json, tvm\n"
         "info = {}\n"
         "try:\n    info = dict(tvm.support.libinfo())\nexcept Exception:\n    pass\n"
-        "print(json.dumps(info.get('GIT_COMMIT_HASH')))")
+        "print(json.dumps(info.get('GIT_COMMIT_HASH')))"
+    )
     assert result.returncode == 0, result.stderr
     built = json.loads(result.stdout.strip().splitlines()[-1])
     source = host.check_output(f"git -C {image_env['TVM_SOURCE_DIR']} rev-parse HEAD")

@@ -76,11 +76,16 @@ def derive_args(step: Step, parent_tag: str | None) -> dict[str, str]:
     return derived
 
 
-def build_plan(plan: BuildPlan, reporter: Reporter | None = None, *, reverify: bool = False,
-               on_built: Callable[[LayerResult], None] | None = None) -> list[LayerResult]:
+def build_plan(
+    plan: BuildPlan,
+    reporter: Reporter | None = None,
+    *,
+    reverify: bool = False,
+    on_built: Callable[[LayerResult], None] | None = None,
+) -> list[LayerResult]:
     reporter = reporter or Reporter()
     docker.ensure_engine()
-    state = VerifiedImages(plan.repository, plan.profile.name)
+    state = VerifiedImages(plan.profile.name)
     results: list[LayerResult] = []
     total = len(plan.steps)
     log_dir = reporter.log_dir / plan.profile.name
@@ -96,15 +101,22 @@ def build_plan(plan: BuildPlan, reporter: Reporter | None = None, *, reverify: b
         started = time.monotonic()
         with tempfile.TemporaryDirectory() as tmp, open(log_path, "w") as log:
             iidfile = Path(tmp) / "iid"
-            status = docker.build(dockerfile=step.dockerfile, context=plan.context, build_args=args,
-                                  network=step.network, iidfile=iidfile,
-                                  on_line=lambda line: reporter.build_line(name, line, log))
+            status = docker.build(
+                dockerfile=step.dockerfile,
+                context=plan.context,
+                build_args=args,
+                network=step.network,
+                iidfile=iidfile,
+                on_line=lambda line, name=name, log=log: reporter.build_line(name, line, log),
+            )
             image_id = iidfile.read_text().strip() if iidfile.exists() else ""
         build_seconds = time.monotonic() - started
         if status != 0 or not image_id:
             tail = "\n".join(log_path.read_text().splitlines()[-40:])
-            reporter.say(f"!!! [{index}/{total}] {name}: docker build failed after {build_seconds:.1f}s "
-                         f"(full log: {log_path})\n{tail}")
+            reporter.say(
+                f"!!! [{index}/{total}] {name}: docker build failed after {build_seconds:.1f}s "
+                f"(full log: {log_path})\n{tail}"
+            )
             raise BuildFailed(name, f"docker build failed (exit {status}); log: {log_path}", tail)
         reporter.say(f"    {name}: built {image_id[:19]} in {build_seconds:.1f}s")
 
@@ -118,8 +130,10 @@ def build_plan(plan: BuildPlan, reporter: Reporter | None = None, *, reverify: b
             verify_seconds = result.seconds
             if not result.passed:
                 state.forget(name)
-                reporter.say(f"!!! [{index}/{total}] {name}: checks FAILED ({result.summary}) in "
-                             f"{result.seconds:.1f}s; not tagged, later layers not built.\n{result.output}")
+                reporter.say(
+                    f"!!! [{index}/{total}] {name}: checks FAILED ({result.summary}) in "
+                    f"{result.seconds:.1f}s; not tagged, later layers not built.\n{result.output}"
+                )
                 raise BuildFailed(name, f"checks failed: {result.summary}", result.output)
             state.record(name, image_id, digest)
             verified = "passed"
@@ -129,6 +143,7 @@ def build_plan(plan: BuildPlan, reporter: Reporter | None = None, *, reverify: b
         results.append(layer_result)
         if on_built:
             on_built(layer_result)
-        reporter.say(f"<== [{index}/{total}] {name}: {step.tag} ready "
-                     f"(build {build_seconds:.1f}s, verify {verify_seconds:.1f}s)")
+        reporter.say(
+            f"<== [{index}/{total}] {name}: {step.tag} ready (build {build_seconds:.1f}s, verify {verify_seconds:.1f}s)"
+        )
     return results

@@ -72,12 +72,18 @@ def tvm_commit_check(libinfo_commit: str | None, source_commit: str | None) -> C
     built = (libinfo_commit or "").strip()
     source = (source_commit or "").strip()
     if built.upper() in UNKNOWN_COMMITS or not source:
-        return CommitCheck("unknown", f"cannot compare: installed TVM commit {built or 'absent'!r}, "
-                                      f"web runtime source commit {source or 'absent'!r}")
+        return CommitCheck(
+            "unknown",
+            f"cannot compare: installed TVM commit {built or 'absent'!r}, "
+            f"web runtime source commit {source or 'absent'!r}",
+        )
     if built.startswith(source) or source.startswith(built):
         return CommitCheck("match", f"web runtime built from {source}, the installed TVM's commit")
-    return CommitCheck("mismatch", f"installed TVM was built from {built} but the web runtime from {source}: "
-                                   "pin mlc_llm_ref to the mlc-llm commit whose 3rdparty/tvm matches the wheels")
+    return CommitCheck(
+        "mismatch",
+        f"installed TVM was built from {built} but the web runtime from {source}: "
+        "pin mlc_llm_ref to the mlc-llm commit whose 3rdparty/tvm matches the wheels",
+    )
 
 
 def expected_os(base_image: str) -> tuple[str, str]:

@@ -12,7 +12,8 @@ from .errors import UsageError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llm2wasm",
-        description="Convert a Hugging Face model (optionally with a PEFT adapter) into a WebLLM bundle.")
+        description="Convert a Hugging Face model (optionally with a PEFT adapter) into a WebLLM bundle.",
+    )
     parser.add_argument("--version", action="version", version=f"llm2wasm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from .convert.command import add_convert_arguments, add_selftest_arguments

@@ -19,17 +19,26 @@ def docker_bin() -> str:
     return path
 
 
-def run(args: Sequence[str], *, check: bool = True, capture: bool = True, input: str | None = None,
-        timeout: float | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([docker_bin(), *args], check=check, capture_output=capture, text=True, input=input,
-                          timeout=timeout)
+def run(
+    args: Sequence[str],
+    *,
+    check: bool = True,
+    capture: bool = True,
+    input: str | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [docker_bin(), *args], check=check, capture_output=capture, text=True, input=input, timeout=timeout
+    )
 
 
 def ensure_engine() -> None:
     result = run(["info", "--format", "{{.ServerVersion}}"], check=False)
     if result.returncode != 0:
-        raise UsageError("the Docker engine is not reachable: start dockerd (as root: `bash .ci/install-docker.sh`) "
-                         f"or check DOCKER_HOST.\n{result.stderr.strip()}")
+        raise UsageError(
+            "the Docker engine is not reachable: start dockerd (as root: `bash .ci/install-docker.sh`) "
+            f"or check DOCKER_HOST.\n{result.stderr.strip()}"
+        )
 
 
 def image_id(ref: str) -> str | None:
@@ -52,8 +61,15 @@ def remove_image(ref: str) -> None:
     run(["image", "rm", "--force", ref], check=False)
 
 
-def build(*, dockerfile: Path, context: Path, build_args: dict[str, str], network: str,
-          iidfile: Path, on_line: Callable[[str], None]) -> int:
+def build(
+    *,
+    dockerfile: Path,
+    context: Path,
+    build_args: dict[str, str],
+    network: str,
+    iidfile: Path,
+    on_line: Callable[[str], None],
+) -> int:
     """docker build with BuildKit, streaming each output line to on_line. Returns the exit status.
 
     The image is not tagged here: the builder tags it only after its checks pass.
@@ -65,8 +81,7 @@ def build(*, dockerfile: Path, context: Path, build_args: dict[str, str], networ
         cmd += ["--build-arg", f"{key}={value}"]
     cmd.append(str(context))
     env = dict(os.environ, DOCKER_BUILDKIT="1")
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                          bufsize=1) as proc:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             on_line(line.rstrip("\n"))
@@ -75,8 +90,12 @@ def build(*, dockerfile: Path, context: Path, build_args: dict[str, str], networ
 
 def run_script(image: str, script: str, *, timeout: float = 300) -> str:
     """Run a Python script (on stdin) in a throwaway container of image; return its stdout."""
-    result = run(["run", "--rm", "-i", "--network", "none", "--entrypoint", "python", image, "-"],
-                 input=script, check=False, timeout=timeout)
+    result = run(
+        ["run", "--rm", "-i", "--network", "none", "--entrypoint", "python", image, "-"],
+        input=script,
+        check=False,
+        timeout=timeout,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"script in {image} failed ({result.returncode}): {result.stderr.strip()}")
     return result.stdout

@@ -53,7 +53,7 @@ def tvm_package_dir() -> Path:
     spec = importlib.util.find_spec("tvm")  # finds the package without importing it
     if spec is None or not spec.submodule_search_locations:
         raise PatchError("TVM is not installed in this Python: install mlc-ai (or apache-tvm) first")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def tvm_version(tvm_dir: Path) -> str:
@@ -61,14 +61,21 @@ def tvm_version(tvm_dir: Path) -> str:
     init = (tvm_dir / "__init__.py").resolve()
     for dist in importlib.metadata.distributions():
         for file in dist.files or []:
-            if file.name == "__init__.py" and file.parent.name == "tvm" and Path(dist.locate_file(file)).resolve() == init:
+            if (
+                file.name == "__init__.py"
+                and file.parent.name == "tvm"
+                and Path(dist.locate_file(file)).resolve() == init
+            ):
                 return f"{dist.metadata['Name']} {dist.version}"
     return "unknown version (no installed distribution owns this folder)"
 
 
 def _patch(patch: Patch, target: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["patch", "--batch", "--fuzz=0", "--no-backup-if-mismatch", *extra, str(target),
-                           str(patch.path)], capture_output=True, text=True)
+    return subprocess.run(
+        ["patch", "--batch", "--fuzz=0", "--no-backup-if-mismatch", *extra, str(target), str(patch.path)],
+        capture_output=True,
+        text=True,
+    )
 
 
 def is_applied(patch: Patch, target: Path) -> bool:
@@ -93,18 +100,21 @@ def apply(tvm_dir: Path, patches: list[Patch], log=print) -> tuple[Patch, Path, 
                 raise PatchError(f"{patch.path.name} applied to {target} but {MARKER} is not there")
             log(f"{patch.path.name}: applied to {target}")
             return patch, target, "applied"
-        tried.append(f"  {patch.path.name} -> {target}:\n    " +
-                     (check.stdout + check.stderr).strip().replace("\n", "\n    "))
+        tried.append(
+            f"  {patch.path.name} -> {target}:\n    " + (check.stdout + check.stderr).strip().replace("\n", "\n    ")
+        )
     helpers = [str(target) for _, target in present] or [f"none of {sorted({p.target for p in patches})} exist"]
-    tried += [f"  {patch.path.name} -> {target}: file not present" for patch, target in candidates
-              if not target.is_file()]
+    tried += [
+        f"  {patch.path.name} -> {target}: file not present" for patch, target in candidates if not target.is_file()
+    ]
     raise PatchError(
         "TVM's emcc.py changed upstream; no llm2wasm patch applies.\n"
         f"helper: {', '.join(helpers)}\n"
         f"installed TVM: {tvm_version(tvm_dir)} in {tvm_dir}\n"
         "patches tried:\n" + "\n".join(tried) + "\n"
         "Refresh the patch under patches/ for this layout (see patches/README.md) or pin the TVM/MLC wheels "
-        "the patches were made for.")
+        "the patches were made for."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

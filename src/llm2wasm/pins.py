@@ -68,10 +68,10 @@ def _flatten(profiles: dict[str, dict[str, Any]], name: str, seen: tuple[str, ..
         known = ", ".join(sorted(profiles))
         raise UsageError(f"unknown profile {name!r}: choose one of {known}")
     if name in seen:
-        raise UsageError(f"profiles extend each other in a loop: {' -> '.join(seen + (name,))}")
+        raise UsageError(f"profiles extend each other in a loop: {' -> '.join((*seen, name))}")
     table = profiles[name]
     parent = table.get("extends")
-    merged = _flatten(profiles, parent, seen + (name,)) if parent else {}
+    merged = _flatten(profiles, parent, (*seen, name)) if parent else {}
     merged.update({k: v for k, v in table.items() if k != "extends"})
     return merged
 

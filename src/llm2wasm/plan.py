@@ -31,11 +31,13 @@ class BuildPlan:
     steps: list[Step]
 
     def describe(self) -> str:
-        lines = [f"profile {self.profile.name}: {self.profile.description}",
-                 f"context {self.context}", ""]
+        lines = [f"profile {self.profile.name}: {self.profile.description}", f"context {self.context}", ""]
         for index, step in enumerate(self.steps, 1):
             lines.append(f"[{index}/{len(self.steps)}] {step.layer.name} -> {step.tag}")
-            lines.append(f"    dockerfile {step.dockerfile.relative_to(self.context) if step.dockerfile.is_relative_to(self.context) else step.dockerfile}")
+            dockerfile = step.dockerfile
+            if dockerfile.is_relative_to(self.context):
+                dockerfile = dockerfile.relative_to(self.context)
+            lines.append(f"    dockerfile {dockerfile}")
             lines.append(f"    network    {step.network}")
             for key, value in step.build_args.items():
                 source = step.sources.get(key)
@@ -48,15 +50,17 @@ class BuildPlan:
 def git_revision() -> tuple[str, str]:
     """The checkout's commit and commit date, for OCI labels (reproducible, unlike `now`)."""
     try:
-        out = subprocess.run(["git", "-C", str(PROJECT_ROOT), "log", "-1", "--format=%H %cI"],
-                             capture_output=True, text=True, check=True).stdout.split()
+        out = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "log", "-1", "--format=%H %cI"], capture_output=True, text=True, check=True
+        ).stdout.split()
         return out[0], out[1]
     except (subprocess.CalledProcessError, IndexError, FileNotFoundError):
         return "unknown", "unknown"
 
 
-def make_plan(profile: Profile, *, until: str | None = None, repository: str = "llm2wasm",
-              images_dir: Path | None = None) -> BuildPlan:
+def make_plan(
+    profile: Profile, *, until: str | None = None, repository: str = "llm2wasm", images_dir: Path | None = None
+) -> BuildPlan:
     images_dir = images_dir or PROJECT_ROOT / "images"
     steps: list[Step] = []
     revision, created = git_revision()
@@ -75,7 +79,14 @@ def make_plan(profile: Profile, *, until: str | None = None, repository: str = "
         if layer.name == "app":
             args["LLM2WASM_REVISION"] = revision
             args["LLM2WASM_CREATED"] = created
-        steps.append(Step(layer=layer, tag=layer.tag(profile.name, repository),
-                          dockerfile=images_dir / layer.name / "Dockerfile", build_args=args,
-                          sources=sources, network=str(profile.get("build_network", "default"))))
+        steps.append(
+            Step(
+                layer=layer,
+                tag=layer.tag(profile.name, repository),
+                dockerfile=images_dir / layer.name / "Dockerfile",
+                build_args=args,
+                sources=sources,
+                network=str(profile.get("build_network", "default")),
+            )
+        )
     return BuildPlan(profile=profile, repository=repository, context=PROJECT_ROOT, steps=steps)

@@ -26,8 +26,11 @@ def checks_digest(layer: str, profile: Profile) -> str:
 
 
 class VerifiedImages:
-    def __init__(self, repository: str, profile: str, state_dir: Path = STATE_DIR):
-        self.path = state_dir / "state" / f"{repository.replace('/', '_')}-{profile}.json"
+    """Per profile, not per tag: an image ID that passed a layer's checks passed them, whatever
+    repository it is tagged in."""
+
+    def __init__(self, profile: str, state_dir: Path = STATE_DIR):
+        self.path = state_dir / "state" / f"{profile}.json"
         try:
             self.records = json.loads(self.path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
@@ -38,8 +41,11 @@ class VerifiedImages:
         return bool(record) and record["image_id"] == image_id and record["checks_digest"] == digest
 
     def record(self, layer: str, image_id: str, digest: str) -> None:
-        self.records[layer] = {"image_id": image_id, "checks_digest": digest,
-                               "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.records[layer] = {
+            "image_id": image_id,
+            "checks_digest": digest,
+            "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.records, indent=2))

@@ -38,15 +38,37 @@ def check_modules(layer: str, own_only: bool = False) -> list[Path]:
     return [chain[-1].check_module] if own_only else [step.check_module for step in chain]
 
 
-def run_checks(image: str, layer: str, profile: Profile, *, own_only: bool = False,
-               junit_dir: Path | None = None, extra_args: list[str] | None = None) -> CheckResult:
+def run_checks(
+    image: str,
+    layer: str,
+    profile: Profile,
+    *,
+    own_only: bool = False,
+    junit_dir: Path | None = None,
+    extra_args: list[str] | None = None,
+) -> CheckResult:
     """Run the checks of ``layer`` (and its parents', which a child must not break) on ``image``."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(profile.to_json(), handle)
         pins_file = handle.name
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-c", str(VERIFY_DIR / "pytest.ini"),
-           "--rootdir", str(VERIFY_DIR), "-q", "-rfE", "--tb=short", "--color=no",
-           f"--image={image}", f"--layer={layer}", f"--pins-json={pins_file}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-c",
+        str(VERIFY_DIR / "pytest.ini"),
+        "--rootdir",
+        str(VERIFY_DIR),
+        "-q",
+        "-rfE",
+        "--tb=short",
+        "--color=no",
+        f"--image={image}",
+        f"--layer={layer}",
+        f"--pins-json={pins_file}",
+    ]
     if junit_dir is not None:
         junit_dir.mkdir(parents=True, exist_ok=True)
         cmd.append(f"--junitxml={junit_dir / (layer + '.xml')}")
@@ -58,5 +80,11 @@ def run_checks(image: str, layer: str, profile: Profile, *, own_only: bool = Fal
     finally:
         Path(pins_file).unlink(missing_ok=True)
     output = proc.stdout + proc.stderr
-    return CheckResult(layer=layer, image=image, passed=proc.returncode == 0, summary=_summary(output),
-                       output=output, seconds=time.monotonic() - started)
+    return CheckResult(
+        layer=layer,
+        image=image,
+        passed=proc.returncode == 0,
+        summary=_summary(output),
+        output=output,
+        seconds=time.monotonic() - started,
+    )

@@ -13,6 +13,7 @@ Usage: python tests/hermetic/mirror.py up | down | status
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ ROOT = HERE.parents[1]
 STANDINS = ROOT / "tests" / "standins"
 sys.path.insert(0, str(ROOT / "src"))
 
-from llm2wasm.pins import resolve_profile  # noqa: E402
+from llm2wasm.pins import resolve_profile  # noqa: E402 (needs the sys.path line above)
 
 WHEELHOUSE_PORT = 38471
 GIT_PORT = 38472
@@ -95,11 +96,22 @@ def ensure_base_image() -> str:
                 if entry.is_file():
                     entry.unlink()
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        run(["docker", "import",
-             "-c", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-             "-c", 'CMD ["bash"]',
-             "-c", "LABEL io.llm2wasm.hermetic=debootstrap-" + DEBIAN_SUITE,
-             "-", BASE_IMAGE], stdin=tar.stdout, stdout=subprocess.DEVNULL)
+        run(
+            [
+                "docker",
+                "import",
+                "-c",
+                "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "-c",
+                'CMD ["bash"]',
+                "-c",
+                "LABEL io.llm2wasm.hermetic=debootstrap-" + DEBIAN_SUITE,
+                "-",
+                BASE_IMAGE,
+            ],
+            stdin=tar.stdout,
+            stdout=subprocess.DEVNULL,
+        )
         tar.wait()
     return BASE_IMAGE
 
@@ -108,8 +120,11 @@ def ensure_base_image() -> str:
 def wheelhouse_requirements() -> list[str]:
     pins = resolve_profile("hermetic")
     return [
-        pins["torch_requirement"], pins["transformers_requirement"], pins["peft_requirement"],
-        pins["bitsandbytes_requirement"], pins["mlc_ai_requirement"],
+        pins["torch_requirement"],
+        pins["transformers_requirement"],
+        pins["peft_requirement"],
+        pins["bitsandbytes_requirement"],
+        pins["mlc_ai_requirement"],
         # build backend for `pip install` of llm2wasm itself in the app layer
         "setuptools>=68",
     ]
@@ -133,25 +148,59 @@ def ensure_wheelhouse() -> Path:
         return wheelhouse
     log("downloading the wheelhouse (torch CPU, transformers, peft, bitsandbytes, apache-tvm)")
     # The host's own Python and platform are the containers' (Debian bookworm: CPython 3.11, x86_64).
-    run([sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(wheelhouse), "--only-binary=:all:",
-         *wanted["requirements"]])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--dest",
+            str(wheelhouse),
+            "--only-binary=:all:",
+            *wanted["requirements"],
+        ]
+    )
     for old in wheelhouse.glob("mlc_llm_standin-*.whl"):
         old.unlink()
     with tempfile.TemporaryDirectory() as build:
         shutil.copytree(STANDINS / "mlc_llm_package", Path(build) / "pkg")
-        run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheelhouse),
-             str(Path(build) / "pkg")])
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--quiet",
+                "--no-deps",
+                "--wheel-dir",
+                str(wheelhouse),
+                str(Path(build) / "pkg"),
+            ]
+        )
     stamp.write_text(json.dumps(wanted))
     return wheelhouse
 
 
 # ---------------------------------------------------------------- git stand-ins
 def git(*args: str, cwd: Path) -> str:
-    env = dict(os.environ, GIT_AUTHOR_DATE=FIXED_DATE, GIT_COMMITTER_DATE=FIXED_DATE,
-               GIT_AUTHOR_NAME="llm2wasm stand-in", GIT_AUTHOR_EMAIL="standin@llm2wasm.invalid",
-               GIT_COMMITTER_NAME="llm2wasm stand-in", GIT_COMMITTER_EMAIL="standin@llm2wasm.invalid")
-    return subprocess.run(["git", "-c", "protocol.file.allow=always", "-c", "init.defaultBranch=main", *args],
-                          cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
+    env = dict(
+        os.environ,
+        GIT_AUTHOR_DATE=FIXED_DATE,
+        GIT_COMMITTER_DATE=FIXED_DATE,
+        GIT_AUTHOR_NAME="llm2wasm stand-in",
+        GIT_AUTHOR_EMAIL="standin@llm2wasm.invalid",
+        GIT_COMMITTER_NAME="llm2wasm stand-in",
+        GIT_COMMITTER_EMAIL="standin@llm2wasm.invalid",
+    )
+    return subprocess.run(
+        ["git", "-c", "protocol.file.allow=always", "-c", "init.defaultBranch=main", *args],
+        cwd=cwd,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 def ensure_git_repos() -> Path:
@@ -202,16 +251,41 @@ def serving() -> bool:
 def start_servers(wheelhouse: Path, git_base: Path) -> list[int]:
     for port in (WHEELHOUSE_PORT, GIT_PORT):
         if port_open(port):
-            raise RuntimeError(f"port {port} on 127.0.0.1 is taken by something that is not this mirror: "
-                               "stop it, or run `python tests/hermetic/mirror.py down`")
+            raise RuntimeError(
+                f"port {port} on 127.0.0.1 is taken by something that is not this mirror: "
+                "stop it, or run `python tests/hermetic/mirror.py down`"
+            )
     logs = cache_dir()
     http = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(WHEELHOUSE_PORT), "--bind", "127.0.0.1", "--directory", str(wheelhouse)],
-        stdout=open(logs / "http.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(WHEELHOUSE_PORT),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(wheelhouse),
+        ],
+        stdout=open(logs / "http.log", "w"),  # noqa: SIM115 (the server outlives this function)
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     daemon = subprocess.Popen(
-        ["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={git_base}", "--listen=127.0.0.1",
-         f"--port={GIT_PORT}", str(git_base)],
-        stdout=open(logs / "git-daemon.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            "git",
+            "daemon",
+            "--reuseaddr",
+            "--export-all",
+            f"--base-path={git_base}",
+            "--listen=127.0.0.1",
+            f"--port={GIT_PORT}",
+            str(git_base),
+        ],
+        stdout=open(logs / "git-daemon.log", "w"),  # noqa: SIM115 (the server outlives this function)
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     pids = [http.pid, daemon.pid]
     pid_file().write_text(json.dumps(pids))
     deadline = time.monotonic() + 20
@@ -227,10 +301,8 @@ def stop_servers() -> None:
     if not pid_file().exists():
         return
     for pid in json.loads(pid_file().read_text()):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     pid_file().unlink()
 
 

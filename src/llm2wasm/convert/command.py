@@ -6,7 +6,9 @@ import argparse
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model folder (config.json, weights, tokenizer)")
+    parser.add_argument(
+        "model_dir", metavar="MODEL_DIR", help="Hugging Face model folder (config.json, weights, tokenizer)"
+    )
     parser.add_argument("--quantization", "-q", required=True, help="mlc_llm quantization, e.g. q4f16_1")
     parser.add_argument("--conv-template", help="mlc_llm conversation template (default: guessed from the model)")
     parser.add_argument("--adapter", metavar="PEFT_DIR", help="PEFT adapter to merge into the model first")

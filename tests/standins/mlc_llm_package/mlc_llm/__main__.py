@@ -47,9 +47,17 @@ def cmd_gen_config(argv):
     parser.add_argument("--max-batch-size", type=int, default=128)
     parser.add_argument("--output", "-o", required=True)
     args = parser.parse_args(argv)
-    gen_config(config_file(args.config), args.quantization, args.conv_template, args.output,
-               args.context_window_size, args.prefill_chunk_size, args.sliding_window_size,
-               args.max_batch_size, args.model_type)
+    gen_config(
+        config_file(args.config),
+        args.quantization,
+        args.conv_template,
+        args.output,
+        args.context_window_size,
+        args.prefill_chunk_size,
+        args.sliding_window_size,
+        args.max_batch_size,
+        args.model_type,
+    )
 
 
 def weight_files(source):
@@ -70,8 +78,9 @@ def cmd_convert_weight(argv):
     parser.add_argument("--model-type", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--source")
-    parser.add_argument("--source-format", default="auto",
-                        choices=["auto", "huggingface-torch", "huggingface-safetensor", "awq"])
+    parser.add_argument(
+        "--source-format", default="auto", choices=["auto", "huggingface-torch", "huggingface-safetensor", "awq"]
+    )
     parser.add_argument("--output", "-o", required=True)
     args = parser.parse_args(argv)
     config = config_file(args.config)
@@ -90,20 +99,34 @@ def cmd_convert_weight(argv):
     payload = b"".join(open(os.path.join(source, name), "rb").read() for name in files)
     shards, offset = [], 0
     while offset < len(payload) or not shards:
-        chunk = payload[offset:offset + SHARD_LIMIT]
+        chunk = payload[offset : offset + SHARD_LIMIT]
         name = f"params_shard_{len(shards)}.bin"
         with open(os.path.join(args.output, name), "wb") as handle:
             handle.write(chunk)
-        shards.append({
-            "dataPath": name, "format": "raw-shard", "nbytes": len(chunk),
-            "records": [{"name": f"standin.param_{len(shards)}", "shape": [len(chunk)], "dtype": "uint8",
-                         "format": "raw", "nbytes": len(chunk), "byteOffset": 0}],
-            "md5sum": hashlib.md5(chunk).hexdigest(),
-        })
+        shards.append(
+            {
+                "dataPath": name,
+                "format": "raw-shard",
+                "nbytes": len(chunk),
+                "records": [
+                    {
+                        "name": f"standin.param_{len(shards)}",
+                        "shape": [len(chunk)],
+                        "dtype": "uint8",
+                        "format": "raw",
+                        "nbytes": len(chunk),
+                        "byteOffset": 0,
+                    }
+                ],
+                "md5sum": hashlib.md5(chunk).hexdigest(),
+            }
+        )
         offset += SHARD_LIMIT
     bits = BITS.get(args.quantization, 4.0)
-    cache = {"metadata": {"ParamSize": len(payload) // 2, "ParamBytes": len(payload), "BitsPerParam": bits},
-             "records": shards}
+    cache = {
+        "metadata": {"ParamSize": len(payload) // 2, "ParamBytes": len(payload), "BitsPerParam": bits},
+        "records": shards,
+    }
     with open(os.path.join(args.output, "tensor-cache.json"), "w") as handle:
         json.dump(cache, handle)
     print(f"[stand-in] Parameter size after quantization: {len(payload) / 2**30:.3f} GB", file=sys.stderr)
@@ -160,19 +183,23 @@ def cmd_compile(argv):
         create_tvmjs_wasm(args.output, [obj], libs=[mlc_runtime])
     finally:
         os.remove(obj)
-    params = chat_config["model_config"].get("hidden_size", 64) * chat_config["model_config"].get("num_hidden_layers", 2)
+    params = chat_config["model_config"].get("hidden_size", 64) * chat_config["model_config"].get(
+        "num_hidden_layers", 2
+    )
     esc = "\x1b[92m"
     end = "\x1b[0m"
-    print(f"[stand-in] {esc}Total memory usage without KV cache:{end} {params / 1000 + 100:.2f} MB "
-          f"(Parameters: {params / 1000:.2f} MB. Temporary buffer: 100.00 MB)", file=sys.stderr)
+    print(
+        f"[stand-in] {esc}Total memory usage without KV cache:{end} {params / 1000 + 100:.2f} MB "
+        f"(Parameters: {params / 1000:.2f} MB. Temporary buffer: 100.00 MB)",
+        file=sys.stderr,
+    )
     print(f"[stand-in] {esc}KV cache size:{end} 0.06 MB per token in the context window", file=sys.stderr)
     print(f"[stand-in] {esc}Total memory usage with a 4K KV cache:{end} {params / 1000 + 356:.2f} MB", file=sys.stderr)
 
 
 def main(argv):
     parser = argparse.ArgumentParser("MLC LLM Command Line Interface.")
-    parser.add_argument("subcommand", choices=SUBCOMMANDS,
-                        help="Subcommand to to run. (choices: %(choices)s)")
+    parser.add_argument("subcommand", choices=SUBCOMMANDS, help="Subcommand to to run. (choices: %(choices)s)")
     if not argv or argv[0] in {"-h", "--help"}:
         parser.print_help()
         return 0

@@ -6,20 +6,47 @@ import shutil
 
 # A subset of upstream's CONV_TEMPLATES (54 names at v0.20.0), enough for the tests.
 CONV_TEMPLATES = {
-    "llama-2", "llama-3", "llama-3_1", "chatml", "chatml_nosystem", "qwen2", "qwen3",
-    "mistral_default", "phi-2", "phi-3", "gemma_instruction", "gemma3_instruction",
-    "redpajama_chat", "tinyllama_v1_0", "stablelm-2", "smollm", "deepseek_v3", "LM",
+    "llama-2",
+    "llama-3",
+    "llama-3_1",
+    "chatml",
+    "chatml_nosystem",
+    "qwen2",
+    "qwen3",
+    "mistral_default",
+    "phi-2",
+    "phi-3",
+    "gemma_instruction",
+    "gemma3_instruction",
+    "redpajama_chat",
+    "tinyllama_v1_0",
+    "stablelm-2",
+    "smollm",
+    "deepseek_v3",
+    "LM",
 }
 
 TOKENIZER_FILES = [
-    "tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt",
-    "added_tokens.json", "tokenizer_config.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "tokenizer_config.json",
 ]
 
 
-def gen_config(config_path, quantization, conv_template, output, context_window_size=None,
-               prefill_chunk_size=None, sliding_window_size=None, max_batch_size=128,
-               model_type="auto"):
+def gen_config(
+    config_path,
+    quantization,
+    conv_template,
+    output,
+    context_window_size=None,
+    prefill_chunk_size=None,
+    sliding_window_size=None,
+    max_batch_size=128,
+    model_type="auto",
+):
     with open(config_path) as handle:
         model_config = json.load(handle)
     source = os.path.dirname(config_path)
@@ -49,8 +76,11 @@ def gen_config(config_path, quantization, conv_template, output, context_window_
         "repetition_penalty": 1.0,
         "top_p": 1.0,
         "tokenizer_files": copied,
-        "tokenizer_info": {"token_postproc_method": "byte_fallback", "prepend_space_in_encode": False,
-                           "strip_space_in_decode": False},
+        "tokenizer_info": {
+            "token_postproc_method": "byte_fallback",
+            "prepend_space_in_encode": False,
+            "strip_space_in_decode": False,
+        },
         "conv_template": {"name": conv_template},
         "pad_token_id": model_config.get("pad_token_id", 0),
         "bos_token_id": model_config.get("bos_token_id", 1),

@@ -1,0 +1,291 @@
+"""Checks on a conversion's inputs, all made before any work: each problem is a UsageError
+naming what is wrong and how to fix it (exit status 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ..errors import UsageError
+from .mlc import WEBGPU_QUANTIZATIONS, MlcNames
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+# model_type -> conversation template, for when --conv-template is not given
+TEMPLATE_GUESSES = {
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "mistral": "mistral_default",
+    "phi3": "phi-3",
+    "gemma": "gemma_instruction",
+    "gemma3_text": "gemma3_instruction",
+    "smollm": "smollm",
+}
+MERGEABLE_PEFT_TYPES = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "OFT", "BOFT"}
+PREQUANTIZED_METHODS = {"gptq", "awq", "bitsandbytes", "aqlm", "exl2", "hqq", "quanto", "fp8", "compressed-tensors"}
+
+
+@dataclass
+class ConvertRequest:
+    model_dir: Path
+    quantization: str
+    conv_template: str
+    output: Path
+    model_id: str
+    adapter: Path | None = None
+    prefill_chunk_size: int | None = None
+    context_window: int | None = None
+    base_url: str = "http://localhost:8000/"
+    force: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def needs_shader_f16(self) -> bool:
+        return "f16" in self.quantization
+
+    def overrides(self) -> dict[str, int]:
+        values = {}
+        if self.context_window:
+            values["context_window_size"] = self.context_window
+        if self.prefill_chunk_size:
+            values["prefill_chunk_size"] = self.prefill_chunk_size
+        return values
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path} not found: {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not valid JSON ({exc}): {what}") from None
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    return files or sorted(model_dir.glob("pytorch_model*.bin"))
+
+
+def safetensors_names(files: list[Path]) -> set[str]:
+    """Tensor names from safetensors headers, without loading any weights."""
+    names: set[str] = set()
+    for path in files:
+        if path.suffix != ".safetensors":
+            continue
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > 100 * 1024 * 1024:
+                raise UsageError(f"{path} has an implausible safetensors header; is the file complete?")
+            header = json.loads(handle.read(length))
+        names.update(key for key in header if key != "__metadata__")
+    return names
+
+
+def check_model_dir(model_dir: Path) -> dict:
+    if not model_dir.is_dir():
+        raise UsageError(
+            f"model folder {model_dir} does not exist: pass the folder of a Hugging Face "
+            "checkpoint (config.json, *.safetensors, tokenizer files)"
+        )
+    config = _read_json(model_dir / "config.json", "a Hugging Face model folder has config.json beside its weights")
+    if not weight_files(model_dir):
+        raise UsageError(
+            f"no weights in {model_dir}: expected *.safetensors or pytorch_model*.bin "
+            "(download the full checkpoint, e.g. `huggingface-cli download REPO --local-dir DIR`)"
+        )
+    has_tokenizer = (
+        (model_dir / "tokenizer.json").is_file()
+        or (model_dir / "tokenizer.model").is_file()
+        or ((model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file())
+    )
+    if not has_tokenizer:
+        raise UsageError(
+            f"no tokenizer in {model_dir}: expected tokenizer.json, tokenizer.model, or vocab.json + "
+            "merges.txt (save it with `tokenizer.save_pretrained(DIR)`)"
+        )
+    return config
+
+
+def check_quantization(quantization: str, names: MlcNames) -> None:
+    if quantization not in names.quantizations:
+        raise UsageError(
+            f"unknown quantization {quantization!r}: the installed mlc_llm offers "
+            f"{', '.join(names.quantizations)}; for WebGPU use one of {', '.join(WEBGPU_QUANTIZATIONS)}"
+        )
+    if quantization not in WEBGPU_QUANTIZATIONS:
+        raise UsageError(
+            f"quantization {quantization!r} is not for WebGPU (bf16, fp8, AWQ/FT kernels and other "
+            f"group layouts have no WebGPU kernels): use one of {', '.join(WEBGPU_QUANTIZATIONS)} "
+            "(q4f16_1 is WebLLM's usual choice; q4f32_1 for GPUs without shader-f16)"
+        )
+
+
+def choose_template(conv_template: str | None, config: dict, names: MlcNames) -> tuple[str, str | None]:
+    """The template to use and, when guessed, a note saying so."""
+    if conv_template:
+        if conv_template not in names.conv_templates:
+            raise UsageError(
+                f"unknown conversation template {conv_template!r}: the installed mlc_llm offers "
+                f"{', '.join(names.conv_templates)}"
+            )
+        return conv_template, None
+    model_type = str(config.get("model_type", ""))
+    guess = TEMPLATE_GUESSES.get(model_type)
+    if model_type == "llama":
+        guess = "llama-3" if int(config.get("vocab_size", 0)) >= 128000 else "llama-2"
+    if guess is None or guess not in names.conv_templates:
+        raise UsageError(
+            f"cannot guess a conversation template for model_type {model_type!r}: pass "
+            f"--conv-template, one of {', '.join(names.conv_templates)}"
+        )
+    return guess, f"no --conv-template given: using {guess!r} for model_type {model_type!r}"
+
+
+def check_not_prequantized(config: dict, model_dir: Path, merging: bool) -> None:
+    quant = config.get("quantization_config") or {}
+    method = str(quant.get("quant_method", "")).lower()
+    four_bit = bool(quant.get("load_in_4bit") or quant.get("load_in_8bit"))
+    if method in PREQUANTIZED_METHODS or four_bit:
+        if merging:
+            raise UsageError(
+                f"{model_dir} is a {method or 'bitsandbytes'}-quantized checkpoint: a PEFT adapter cannot "
+                "be merged into quantized weights. Pass the original fp16/bf16 base model instead"
+            )
+        raise UsageError(
+            f"{model_dir} is already quantized ({method or 'bitsandbytes'}): WebGPU conversion needs the "
+            "original fp16/bf16 checkpoint (mlc_llm quantizes it itself)"
+        )
+
+
+def check_adapter(adapter: Path, model_dir: Path, config: dict, warnings: list[str]) -> None:
+    if not adapter.is_dir():
+        raise UsageError(f"adapter folder {adapter} does not exist: pass the folder PEFT's save_pretrained wrote")
+    adapter_config = _read_json(
+        adapter / "adapter_config.json", "a PEFT adapter folder has adapter_config.json (written by save_pretrained)"
+    )
+    if not any((adapter / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise UsageError(f"no adapter weights in {adapter}: expected adapter_model.safetensors or adapter_model.bin")
+    peft_type = str(adapter_config.get("peft_type", "")).upper()
+    if peft_type not in MERGEABLE_PEFT_TYPES:
+        raise UsageError(
+            f"adapter type {peft_type or 'unknown'!r} cannot be merged into the weights: llm2wasm merges "
+            f"{', '.join(sorted(MERGEABLE_PEFT_TYPES))} adapters (prompt-tuning types add no weights)"
+        )
+    targets = adapter_config.get("target_modules") or []
+    if isinstance(targets, str):  # a regular expression in PEFT
+        targets = [targets]
+    model_names = safetensors_names(weight_files(model_dir))
+    if targets and model_names:
+
+        def hit(target: str) -> bool:
+            if any(ch in target for ch in "*()[]|^$\\"):
+                return any(re.search(target, name) for name in model_names)
+            return any(f".{target}." in f".{name}" for name in model_names)
+
+        if not any(hit(target) for target in targets):
+            raise UsageError(
+                f"the adapter targets modules {', '.join(targets)}, none of which exist in {model_dir}: "
+                "it was trained for another architecture. Pass the base model the adapter was made for"
+            )
+    declared = str(adapter_config.get("base_model_name_or_path") or "")
+    known = {str(config.get("_name_or_path") or ""), model_dir.name}
+    if declared and not any(
+        name and (name == declared or name.split("/")[-1] == declared.split("/")[-1]) for name in known
+    ):
+        warnings.append(
+            f"the adapter says its base is {declared!r}, and {model_dir} does not name itself so; "
+            "merging anyway because the module names match. Check this is the right base model"
+        )
+
+
+def check_output(output: Path, force: bool, is_previous_bundle: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"output {output} is a file: pass a folder for the bundle")
+    if output.is_dir() and any(output.iterdir()) and not is_previous_bundle and not force:
+        raise UsageError(
+            f"output folder {output} is not empty and is not an llm2wasm bundle: choose a new folder "
+            "or pass --force to replace its contents"
+        )
+
+
+def check_base_url(base_url: str) -> str:
+    parsed = urlparse(base_url)
+    if parsed.scheme not in {"http", "https"} or not parsed.netloc:
+        raise UsageError(
+            f"--base-url {base_url!r} is not an absolute http(s) URL: WebLLM builds the weights URL "
+            "with `new URL(...)`, which throws on a relative one. Example: https://example.com/models/"
+        )
+    return base_url if base_url.endswith("/") else base_url + "/"
+
+
+def check_positive(name: str, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise UsageError(f"{name} must be a positive number of tokens, not {value}")
+
+
+def build_request(args, names: MlcNames, previous_bundle) -> ConvertRequest:
+    """Validate the parsed arguments; previous_bundle(output) says whether OUT holds our bundle."""
+    model_dir = Path(args.model_dir).resolve()
+    output = Path(args.output).resolve()
+    check_positive("--prefill-chunk-size", args.prefill_chunk_size)
+    check_positive("--context-window", args.context_window)
+    base_url = check_base_url(args.base_url or "http://localhost:8000/")
+    config = check_model_dir(model_dir)
+    adapter = Path(args.adapter).resolve() if args.adapter else None
+    check_not_prequantized(config, model_dir, merging=adapter is not None)
+    check_quantization(args.quantization, names)
+    warnings: list[str] = []
+    template, note = choose_template(args.conv_template, config, names)
+    if note:
+        warnings.append(note)
+    if adapter is not None:
+        check_adapter(adapter, model_dir, config, warnings)
+    if output == model_dir or model_dir in output.parents:
+        raise UsageError(f"output {output} is inside the model folder: write the bundle somewhere else")
+    check_output(output, args.force, previous_bundle(output))
+    model_id = args.model_id or f"{output.name}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", model_id):
+        raise UsageError(
+            f"model id {model_id!r} must be letters, digits, '.', '_' or '-' (it names files and URLs): pass --model-id"
+        )
+    return ConvertRequest(
+        model_dir=model_dir,
+        quantization=args.quantization,
+        conv_template=template,
+        output=output,
+        model_id=model_id,
+        adapter=adapter,
+        prefill_chunk_size=args.prefill_chunk_size,
+        context_window=args.context_window,
+        base_url=base_url,
+        force=args.force,
+        warnings=warnings,
+    )
+
+
+def warn(message: str) -> None:
+    print(f"llm2wasm: warning: {message}", file=sys.stderr)
+
+
+def fingerprint(path: Path) -> list[tuple[str, int, int]]:
+    """What a step's cached output depends on in a folder: names, sizes, modification times."""
+    entries = []
+    for root, _, files in os.walk(path):
+        for name in sorted(files):
+            full = Path(root) / name
+            stat = full.stat()
+            entries.append((str(full.relative_to(path)), stat.st_size, int(stat.st_mtime)))
+    return sorted(entries)

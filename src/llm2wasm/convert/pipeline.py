@@ -1,0 +1,316 @@
+"""`llm2wasm convert`: [merge PEFT] -> gen_config -> (convert_weight || compile) -> WebLLM bundle.
+
+Every step writes into a temporary folder under OUT/.llm2wasm/ and is moved into place only when
+it finished; OUT/.llm2wasm/state.json records each finished step with a key of its inputs. A re-run
+skips steps whose key is unchanged, so an interrupted conversion resumes after its last finished
+step. Weight conversion and compilation both need only the generated config, so they run at once.
+
+Bundle layout (what WebLLM fetches):
+    OUT/model/resolve/main/   mlc-chat-config.json, tokenizer files, tensor-cache.json, params_shard_*.bin
+    OUT/lib/MODEL_ID.wasm     the WebGPU model library
+    OUT/app-config.json       a WebLLM AppConfig with one ModelRecord
+    OUT/README.md             how to serve it
+WebLLM appends `resolve/main/` to a model URL without `/resolve/<rev>/`; serving OUT as it is, the
+model URL BASE_URL/model/ therefore reaches OUT/model/resolve/main/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .. import __version__
+from ..errors import UsageError
+from .inputs import TOKENIZER_FILES, ConvertRequest, build_request, fingerprint, warn
+from .mlc import installed_names, mlc_command, parse_memory
+
+STATE_DIR = ".llm2wasm"
+STATE_FILE = "state.json"
+HEARTBEAT_SECONDS = 30.0
+_print_lock = threading.Lock()
+
+
+def say(message: str) -> None:
+    with _print_lock:
+        print(message, file=sys.stderr, flush=True)
+
+
+def is_previous_bundle(output: Path) -> bool:
+    return (output / STATE_DIR / STATE_FILE).is_file()
+
+
+def key_of(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class StepFailed(Exception):
+    def __init__(self, step: str, log: Path):
+        self.step, self.log = step, log
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:]) if log.exists() else ""
+        super().__init__(f"step {step} failed; last lines of {log}:\n{tail}")
+
+
+class Workspace:
+    """OUT/.llm2wasm: finished step outputs, their keys, logs and in-progress temporaries."""
+
+    def __init__(self, output: Path):
+        self.root = output / STATE_DIR
+        self.state_path = self.root / STATE_FILE
+        self.logs = self.root / "logs"
+        try:
+            self.state = json.loads(self.state_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            self.state = {"llm2wasm": __version__, "steps": {}}
+
+    def prepare(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob("tmp-*"):  # an interrupted step's partial output
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+        self.save()
+
+    def save(self) -> None:
+        with _print_lock:
+            tmp = self.state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.state, indent=2))
+            tmp.replace(self.state_path)
+
+    def done(self, step: str, key: str) -> bool:
+        record = self.state["steps"].get(step)
+        return bool(record) and record["key"] == key and (self.root / step).exists()
+
+    def finish(self, step: str, key: str, tmp: Path, seconds: float, extra: dict | None = None) -> None:
+        target = self.root / step
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        tmp.replace(target)
+        self.state["steps"][step] = {"key": key, "seconds": round(seconds, 2), **(extra or {})}
+        self.save()
+
+    def temp_dir(self, step: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"tmp-{step}-", dir=self.root))
+
+
+def run_logged(step: str, cmd: list[str], log: Path, cwd: Path | None = None) -> None:
+    """Run a step's command, output to its log, a heartbeat on the terminal while it runs."""
+    started = time.monotonic()
+    with open(log, "w") as handle:
+        handle.write("$ " + " ".join(cmd) + "\n")
+        handle.flush()
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd)
+        while True:
+            try:
+                status = proc.wait(timeout=HEARTBEAT_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                say(f"  … {step} running, {time.monotonic() - started:.0f}s so far (log: {log})")
+    if status != 0:
+        raise StepFailed(step, log)
+
+
+def source_view(model_dir: Path, view: Path) -> Path:
+    """A folder of symlinks to the model's files. mlc_llm's convert_weight writes
+    model.safetensors.index.json beside a single model.safetensors, which fails on a read-only
+    mount and should not touch the user's folder anyway."""
+    view.mkdir(parents=True)
+    for entry in model_dir.iterdir():
+        if entry.is_file():
+            (view / entry.name).symlink_to(entry)
+    return view
+
+
+class Converter:
+    def __init__(self, request: ConvertRequest):
+        self.request = request
+        self.ws = Workspace(request.output)
+        self.timings: dict[str, str] = {}
+
+    # -- steps ----------------------------------------------------------------------------
+    def step(self, name: str, key: str, action) -> None:
+        if self.ws.done(name, key):
+            say(f"✓ {name}: unchanged inputs, kept from an earlier run")
+            self.timings[name] = "kept"
+            return
+        say(f"→ {name} …")
+        started = time.monotonic()
+        tmp = self.ws.temp_dir(name)
+        try:
+            extra = action(tmp) or {}
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        seconds = time.monotonic() - started
+        self.ws.finish(name, key, tmp, seconds, extra)
+        self.timings[name] = f"{seconds:.1f}s"
+        say(f"✓ {name} done in {seconds:.1f}s")
+
+    def merge(self, tmp: Path) -> None:
+        from .merge import merge_adapter
+
+        log = self.ws.logs / "merge.log"
+        merge_adapter(self.request.model_dir, self.request.adapter, tmp / "model", log)
+
+    def source_dir(self) -> Path:
+        if self.request.adapter is not None:
+            return self.ws.root / "merge" / "model"
+        return self.ws.root / "source"
+
+    def gen_config(self, tmp: Path) -> None:
+        r = self.request
+        out = tmp / "config"
+        cmd = mlc_command(
+            "gen_config",
+            str(self.source_dir() / "config.json"),
+            "--quantization",
+            r.quantization,
+            "--conv-template",
+            r.conv_template,
+            "-o",
+            str(out),
+        )
+        if r.context_window:
+            cmd += ["--context-window-size", str(r.context_window)]
+        if r.prefill_chunk_size:
+            cmd += ["--prefill-chunk-size", str(r.prefill_chunk_size)]
+        run_logged("gen_config", cmd, self.ws.logs / "gen_config.log")
+
+    def convert_weight(self, tmp: Path) -> None:
+        cmd = mlc_command(
+            "convert_weight",
+            str(self.source_dir() / "config.json"),
+            "--quantization",
+            self.request.quantization,
+            "--device",
+            "cpu",
+            "-o",
+            str(tmp / "weights"),
+        )
+        run_logged("convert_weight", cmd, self.ws.logs / "convert_weight.log")
+
+    def compile(self, tmp: Path) -> dict:
+        r = self.request
+        wasm = tmp / f"{r.model_id}.wasm"
+        cmd = mlc_command(
+            "compile",
+            str(self.ws.root / "gen_config" / "config" / "mlc-chat-config.json"),
+            "--device",
+            "webgpu",
+            "-o",
+            str(wasm),
+        )
+        overrides = r.overrides()
+        if overrides:
+            cmd += ["--overrides", ";".join(f"{k}={v}" for k, v in overrides.items())]
+        log = self.ws.logs / "compile.log"
+        run_logged("compile", cmd, log, cwd=tmp)
+        if not wasm.is_file() or wasm.read_bytes()[:4] != b"\0asm":
+            raise UsageError(f"mlc_llm compile wrote no wasm module at {wasm}; see {log}")
+        return {"memory": parse_memory(log.read_text(errors="replace"))}
+
+    # -- the whole run ------------------------------------------------------------------------
+    def run(self) -> None:
+        r = self.request
+        r.output.mkdir(parents=True, exist_ok=True)
+        self.ws.prepare()
+        names_key = key_of(r.quantization, r.conv_template, r.context_window, r.prefill_chunk_size)
+        if r.adapter is not None:
+            merge_key = key_of(fingerprint(r.model_dir), fingerprint(r.adapter))
+            self.step("merge", merge_key, self.merge)
+            source_key = merge_key
+        else:
+            source_key = key_of(fingerprint(r.model_dir))
+            view = self.ws.root / "source"
+            if view.exists():
+                shutil.rmtree(view)
+            source_view(r.model_dir, view)
+        config_key = key_of(source_key, names_key)
+        self.step("gen_config", config_key, self.gen_config)
+        weights_key = key_of(source_key, r.quantization)
+        compile_key = key_of(config_key, r.model_id, r.overrides())
+        # Both need only the generated config: run them at the same time.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            futures = [
+                pool.submit(self.step, "convert_weight", weights_key, self.convert_weight),
+                pool.submit(self.step, "compile", compile_key, self.compile),
+            ]
+            errors = [future.exception() for future in futures]
+        for error in errors:
+            if error is not None:
+                raise error
+        self.assemble()
+
+    def assemble(self) -> None:
+        from .bundle import write_bundle
+
+        write_bundle(self.request, self.ws.root, self.ws.state["steps"].get("compile", {}).get("memory", {}))
+
+
+def request_identity(request: ConvertRequest) -> dict:
+    """What makes a bundle this bundle: a re-run with the same identity resumes, another needs --force."""
+    return {
+        "model_dir": str(request.model_dir),
+        "adapter": str(request.adapter) if request.adapter else None,
+        "quantization": request.quantization,
+        "conv_template": request.conv_template,
+        "model_id": request.model_id,
+        "overrides": request.overrides(),
+        "base_url": request.base_url,
+    }
+
+
+def summary(output: Path) -> str:
+    lines = []
+    for path in sorted(output.rglob("*")):
+        if path.is_file() and STATE_DIR not in path.relative_to(output).parts:
+            lines.append(f"  {path.relative_to(output)}  {path.stat().st_size / 1024:,.1f} KiB")
+    return "\n".join(lines)
+
+
+def run_convert(args) -> int:
+    names = installed_names()
+    request = build_request(args, names, is_previous_bundle)
+    for message in request.warnings:
+        warn(message)
+    identity = request_identity(request)
+    if is_previous_bundle(request.output) and not request.force:
+        previous = Workspace(request.output).state.get("request")
+        if previous is not None and previous != identity:
+            changed = sorted(key for key in identity if identity[key] != previous.get(key))
+            raise UsageError(
+                f"{request.output} holds a bundle converted with other settings ({', '.join(changed)}): "
+                "pass --force to replace it, or choose another output folder"
+            )
+    adapter_note = f", adapter {request.adapter}" if request.adapter else ""
+    say(
+        f"llm2wasm {__version__}: {request.model_dir} -> {request.output} "
+        f"({request.quantization}, template {request.conv_template}{adapter_note})"
+    )
+    if request.force and request.output.exists() and not is_previous_bundle(request.output):
+        for entry in request.output.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    started = time.monotonic()
+    converter = Converter(request)
+    converter.ws.state["request"] = identity
+    try:
+        converter.run()
+    except StepFailed as error:
+        print(f"llm2wasm: error: {error}", file=sys.stderr)
+        print("llm2wasm: finished steps are kept; re-run the same command to resume", file=sys.stderr)
+        return 1
+    say(
+        f"done in {time.monotonic() - started:.1f}s ("
+        + ", ".join(f"{step} {t}" for step, t in converter.timings.items())
+        + f"). Bundle in {request.output}:\n"
+        + summary(request.output)
+    )
+    return 0
+
+
+__all__ = ["TOKENIZER_FILES", "Converter", "is_previous_bundle", "run_convert"]

@@ -1,0 +1,92 @@
+"""`invoke convert` on the host: run `llm2wasm convert` in the built image.
+
+The model (and adapter) are mounted read-only, OUT read-write; the container runs as the calling
+user so the files it writes are theirs; the GPU is passed through when Docker has the NVIDIA
+runtime (said either way); a Hugging Face token is handed over at run time only when set, by
+name (`-e HF_TOKEN`), so its value is neither on the command line nor in any layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import docker
+from .errors import UsageError
+
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+@dataclass
+class ConvertJob:
+    image: str
+    model_dir: Path
+    output: Path
+    quantization: str
+    adapter: Path | None = None
+    options: list[str] = field(default_factory=list)  # further `llm2wasm convert` options, passed through
+    user: str | None = None  # uid:gid; default: the caller's
+    gpu: bool | None = None  # None: detect
+
+
+def docker_has_gpu_runtime() -> bool:
+    result = docker.run(["info", "--format", "{{json .Runtimes}}"], check=False)
+    return result.returncode == 0 and "nvidia" in json.loads(result.stdout or "{}")
+
+
+def docker_command(job: ConvertJob) -> tuple[list[str], str]:
+    """The docker run command and a sentence on where the conversion runs."""
+    model_dir, output = job.model_dir.resolve(), job.output.resolve()
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"model folder {model_dir} has no config.json: pass a Hugging Face checkpoint folder")
+    if job.adapter is not None and not (job.adapter / "adapter_config.json").is_file():
+        raise UsageError(f"adapter folder {job.adapter} has no adapter_config.json: pass PEFT's save_pretrained folder")
+    if docker.image_id(job.image) is None:
+        raise UsageError(f"image {job.image} not found: build it with `invoke build` (or pass --image)")
+    user = job.user or f"{os.getuid()}:{os.getgid()}"
+    cmd = [
+        docker.docker_bin(),
+        "run",
+        "--rm",
+        "--user",
+        user,
+        "--network",
+        "none",
+        "-v",
+        f"{model_dir}:/input/model:ro",
+        "-v",
+        f"{output}:/output",
+    ]
+    if job.adapter is not None:
+        cmd += ["-v", f"{job.adapter.resolve()}:/input/adapter:ro"]
+    gpu = docker_has_gpu_runtime() if job.gpu is None else job.gpu
+    where = "on the GPU (NVIDIA runtime found)" if gpu else "on the CPU: Docker has no NVIDIA runtime"
+    if gpu:
+        cmd += ["--gpus", "all"]
+    for name in TOKEN_VARIABLES:
+        if os.environ.get(name):
+            cmd += ["-e", name]  # by name: docker copies the value from our environment
+    if sys.stdin.isatty():
+        cmd.append("-t")
+    cmd += [job.image, "convert", "/input/model", "--quantization", job.quantization, "-o", "/output"]
+    if job.adapter is not None:
+        cmd += ["--adapter", "/input/adapter"]
+    cmd += job.options
+    return cmd, where
+
+
+def run_convert_job(job: ConvertJob) -> int:
+    cmd, where = docker_command(job)
+    created = not job.output.exists()
+    job.output.mkdir(parents=True, exist_ok=True)
+    print(f"llm2wasm: converting in {job.image} {where}", file=sys.stderr)
+    status = subprocess.run(cmd).returncode
+    if status == 2 and created:
+        # bad input: the container wrote nothing, so leave nothing behind either
+        shutil.rmtree(job.output, ignore_errors=True)
+    return status

@@ -1,0 +1,63 @@
+"""Shared fixtures: the Docker engine, the hermetic mirror, the hermetic image chain."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
+HERMETIC = "hermetic"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "integration" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.integration)
+
+
+def invoke(*args: str, env: dict | None = None, timeout: float = 3600) -> subprocess.CompletedProcess:
+    """Run a task the way a user does; output captured as text."""
+    return subprocess.run([*INVOKE, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    result = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.fail("the integration tests need a running Docker engine: run `bash .ci/setup.sh` as root "
+                    f"(or `invoke test --unit` for the unit tests only)\n{result.stderr}")
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def hermetic_mirror(docker_engine):
+    sys.path.insert(0, str(ROOT / "tests" / "hermetic"))
+    import mirror
+
+    started = mirror.up()
+    yield mirror
+    if started:
+        mirror.stop_servers()
+
+
+@pytest.fixture(scope="session")
+def hermetic_chain(hermetic_mirror):
+    """Every layer of the hermetic profile, built and verified with `invoke build` (from nothing in CI)."""
+    result = invoke("build", "--profile", HERMETIC, "--quiet")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    return output
+
+
+def image_exists(ref: str) -> bool:
+    return subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode == 0
+
+
+def app_image() -> str:
+    return f"llm2wasm:app-{HERMETIC}"

@@ -1,0 +1,114 @@
+"""The whole hermetic chain with a real Docker engine: built, verified layer by layer, and stopped
+at the first layer whose checks fail."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from llm2wasm.layers import LAYERS
+from llm2wasm.pins import resolve_profile
+from llm2wasm.verify import run_checks
+from tests.conftest import HERMETIC, ROOT, image_exists, invoke
+
+LAYER_NAMES = [layer.name for layer in LAYERS]
+
+
+def test_every_layer_built_verified_and_tagged(hermetic_chain):
+    for index, name in enumerate(LAYER_NAMES, 1):
+        assert f"==> [{index}/{len(LAYERS)}] {name}: building" in hermetic_chain
+        assert f"<== [{index}/{len(LAYERS)}] {name}: llm2wasm:{name}-{HERMETIC} ready" in hermetic_chain
+        assert image_exists(f"llm2wasm:{name}-{HERMETIC}")
+
+
+def test_unchanged_layers_are_not_verified_again(hermetic_chain):
+    result = invoke("build", "--profile", HERMETIC, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("already passed these checks; not verified again") == len(LAYERS)
+
+
+def test_invoke_verify_on_demand(hermetic_chain):
+    result = invoke("verify", "--profile", HERMETIC, "--layer", "emsdk", "--own-only")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "emsdk" in result.stdout and "PASS" in result.stdout
+
+
+def test_verify_before_build_names_the_fix(hermetic_chain):
+    result = invoke("verify", "--profile", HERMETIC, "--layer", "app", "--repository", "llm2wasm-never-built")
+    assert result.returncode == 2
+    assert "not found: build it first with `invoke build" in result.stderr
+
+
+# One broken layer per kind of check: (layer to break, line appended to its Dockerfile, the check that must catch it)
+BREAKAGES = {
+    "missing-artifact": ("web-runtime", "RUN rm /opt/mlc-llm/web/dist/wasm/mlc_wasm_runtime.bc",
+                         "test_mlc_wasm_runtime_built"),
+    "wrong-version": ("emsdk", "RUN echo '\"3.1.99\"' > /opt/emsdk/upstream/emscripten/emscripten-version.txt",
+                      "test_emcc_is_the_pinned_version"),
+    "env-path-with-spaces": ("python", "ENV PATH = /opt/venv/bin:$PATH", "test_no_malformed_env_in_metadata"),
+    "dangling-ld-library-path": ("runtime-env", "ENV LD_LIBRARY_PATH=/usr/local/cuda/lib64",
+                                 "test_path_entries_in_metadata_exist"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BREAKAGES))
+def test_broken_layer_stops_the_build(hermetic_chain, tmp_path, kind):
+    layer, line, check = BREAKAGES[kind]
+    images = tmp_path / "images"
+    shutil.copytree(ROOT / "images", images)
+    with open(images / layer / "Dockerfile", "a") as handle:
+        handle.write(f"\n# deliberately broken by tests/integration ({kind})\n{line}\n")
+    repository = f"llm2wasm-broken-{kind}"
+    try:
+        result = invoke("build", "--profile", HERMETIC, "--quiet", "--images", str(images),
+                        "--repository", repository)
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, output
+        assert f"build stopped at layer '{layer}': checks failed" in output
+        assert check in output and "FAILED" in output
+        position = LAYER_NAMES.index(layer)
+        for before in LAYER_NAMES[:position]:
+            assert image_exists(f"{repository}:{before}-{HERMETIC}"), before
+        for after in LAYER_NAMES[position:]:
+            assert not image_exists(f"{repository}:{after}-{HERMETIC}"), f"{after} was tagged"
+        for later in LAYER_NAMES[position + 1:]:
+            assert f"] {later}: building" not in output, f"{later} was built after a failed layer"
+    finally:
+        for name in LAYER_NAMES:
+            subprocess.run(["docker", "image", "rm", f"{repository}:{name}-{HERMETIC}"], capture_output=True)
+
+
+def test_tvm_source_moved_off_the_pinned_commit_is_caught(hermetic_chain):
+    """The web runtime must come from the TVM commit mlc-llm pins; a checkout that moved is caught."""
+    tag = "llm2wasm-broken:tvm-moved"
+    dockerfile = (f"FROM llm2wasm:web-runtime-{HERMETIC}\n"
+                  "RUN git -C $TVM_SOURCE_DIR -c user.name=t -c user.email=t@t.invalid commit -q --allow-empty -m moved\n")
+    subprocess.run(["docker", "build", "-q", "-t", tag, "-"], input=dockerfile, text=True, check=True,
+                   capture_output=True, env={"DOCKER_BUILDKIT": "1", "PATH": "/usr/local/bin:/usr/bin:/bin"})
+    try:
+        result = run_checks(tag, "web-runtime", resolve_profile(HERMETIC), own_only=True)
+        assert not result.passed
+        assert "FAILED verify/test_web_runtime.py::test_tvm_source_is_the_submodule_mlc_llm_pins" in result.output
+    finally:
+        subprocess.run(["docker", "image", "rm", tag], capture_output=True)
+
+
+def test_stable_dry_run_prints_the_real_upstream_plan():
+    result = invoke("build", "--profile", "stable", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "--build-arg MLC_WHEEL_INDEX=https://mlc.ai/wheels" in result.stdout
+    assert "--build-arg MLC_LLM_REF=v0.20.0" in result.stdout
+    assert "--build-arg BASE_IMAGE=ubuntu:24.04  (pin base_image)" in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--profile", "nosuch"], "unknown profile 'nosuch'"),
+    (["--set", "emsdk_verison=1"], "unknown pin 'emsdk_verison'"),
+    (["--until", "nosuch"], "unknown layer 'nosuch'"),
+])
+def test_bad_build_input_exits_2(args, message):
+    result = invoke("build", "--dry-run", *args)
+    assert result.returncode == 2
+    assert message in result.stderr

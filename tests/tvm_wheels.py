@@ -1,0 +1,48 @@
+"""The real apache-tvm wheels from PyPI whose emcc.py helper the patch is tested against (cached)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+TVM_VERSIONS = ("0.25.0", "0.26.0", "0.27.0.post1")
+HELPER = "tvm/support/emcc.py"
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("LLM2WASM_HERMETIC_CACHE", Path.home() / ".cache" / "llm2wasm-hermetic")) / "tvm-wheels"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def helper_source(version: str) -> str:
+    """tvm/support/emcc.py from the apache-tvm wheel of that version, downloaded once."""
+    extracted = cache_dir() / f"emcc-{version}.py"
+    if not extracted.exists():
+        wheels = cache_dir() / version
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                        "--dest", str(wheels), f"apache-tvm=={version}"], check=True)
+        wheel = next(wheels.glob("apache_tvm-*.whl"))
+        with zipfile.ZipFile(wheel) as archive:
+            extracted.write_text(archive.read(HELPER).decode())
+        wheel.unlink()
+    return extracted.read_text()
+
+
+def contrib_layout_from(support_source: str) -> str:
+    """The older `tvm/contrib/emcc.py` layout (find_lib_path, 2024-03-31 to 2026-05), rebuilt from a
+    real 0.25.0 helper by the documented differences: no find_wasm_lib, `tvm._ffi` imports,
+    find_lib_path lookups, py_str. Checked by hand against the file in public mlc-ai/relax sources
+    (same 3,319 characters); the mlc-ai wheels themselves are not reachable from the test machines."""
+    start, end = support_source.index("def find_wasm_lib"), support_source.index("def create_tvmjs_wasm")
+    text = support_source[:start] + support_source[end:]
+    text = text.replace('"""Util to invoke emscripten compilers in the system."""\n\n#',
+                        '"""Util to invoke emscripten compilers in the system."""\n#')
+    text = text.replace("from tvm import libinfo\n",
+                        "from tvm._ffi.base import py_str\nfrom tvm._ffi.libinfo import find_lib_path\n")
+    for name in ("wasm_runtime", "tvmjs_support", "webgpu_runtime"):
+        text = text.replace(f'find_wasm_lib("{name}.bc")', f'find_lib_path("{name}.bc")')
+    return text.replace('out.decode("utf-8", errors="replace")', "py_str(out)")

@@ -1,0 +1,74 @@
+import pytest
+
+from llm2wasm.checks import (
+    bad_path_entries,
+    emcc_version,
+    env_dict,
+    env_garbage,
+    expected_os,
+    requirement_pin,
+    tvm_commit_check,
+    version_matches,
+)
+
+
+def test_env_dict():
+    assert env_dict(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
+
+
+def test_seed_path_bug_is_flagged():
+    # what `ENV PATH = /root/tools/emsdk-main:/usr/bin` leaves behind
+    assert bad_path_entries("= /root/tools/emsdk-main:/usr/bin") == ["= /root/tools/emsdk-main"]
+    assert env_garbage({"PATH": "= /a:/b"}) == ["PATH"]
+
+
+@pytest.mark.parametrize("value,bad", [("/a:/b", []), ("/a::/b", [""]), ("/a:rel", ["rel"]), ("/a:", [""])])
+def test_bad_path_entries(value, bad):
+    assert bad_path_entries(value) == bad
+
+
+def test_emcc_version():
+    line = (
+        "emcc (Emscripten gcc/clang-like replacement + linker emulating GNU ld) 3.1.56 "
+        "(cf90417346b78455089e64eb909d71d091ecc055)"
+    )
+    assert emcc_version(line) == "3.1.56"
+    assert emcc_version("clang version 19") is None
+
+
+@pytest.mark.parametrize(
+    "req,expected",
+    [
+        ("mlc-ai-cu128==0.20.0", ("mlc-ai-cu128", "0.20.0")),
+        ("mlc-llm-nightly-cu128", ("mlc-llm-nightly-cu128", None)),
+        ("torch==2.13.0+cpu", ("torch", "2.13.0+cpu")),
+        ("Apache_TVM>=0.25", ("apache-tvm", None)),
+    ],
+)
+def test_requirement_pin(req, expected):
+    assert requirement_pin(req) == expected
+
+
+def test_version_matches():
+    assert version_matches("2.13.0+cpu", "2.13.0")
+    assert version_matches("2.13.0+cpu", "2.13.0+cpu")
+    assert not version_matches("2.13.0", "2.13.0+cpu")
+    assert not version_matches("0.1", "0.20.0")
+
+
+def test_tvm_commit_check():
+    assert (
+        tvm_commit_check("b628d91fac716679db539884a55f8c6651f54dea", "b628d91fac716679db539884a55f8c6651f54dea").status
+        == "match"
+    )
+    mismatch = tvm_commit_check("b628d91fac716679db539884a55f8c6651f54dea", "0123456789abcdef0123456789abcdef01234567")
+    assert mismatch.status == "mismatch" and "b628d91" in mismatch.message and "mlc_llm_ref" in mismatch.message
+    assert tvm_commit_check("NOT-FOUND", "b628d91").status == "unknown"
+    assert tvm_commit_check(None, "b628d91").status == "unknown"
+
+
+def test_expected_os():
+    assert expected_os("ubuntu:24.04") == ("ubuntu", "24.04")
+    assert expected_os("llm2wasm-hermetic/debian:bookworm") == ("debian", "bookworm")
+    assert expected_os("ubuntu:24.04@sha256:abc") == ("ubuntu", "24.04")
+    assert expected_os("localhost:5000/ubuntu") == ("ubuntu", "latest")

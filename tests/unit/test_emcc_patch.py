@@ -1,0 +1,86 @@
+"""The emcc.py patches against the real helpers of the apache-tvm wheels 0.25.0, 0.26.0, 0.27.0.post1
+(downloaded from PyPI, cached): apply, idempotence, drift detection. Import and resolution with a
+real TVM are tested in the hermetic image (tests/integration/test_emcc_patch_in_image.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llm2wasm.emcc_patch import MARKER, PatchError, apply, load_patches, main
+from tests.tvm_wheels import TVM_VERSIONS, contrib_layout_from, helper_source
+
+PATCHES = Path(__file__).resolve().parents[2] / "patches"
+
+
+def tvm_tree(tmp_path: Path, relative: str, source: str) -> Path:
+    tvm = tmp_path / "tvm"
+    (tvm / relative).parent.mkdir(parents=True)
+    (tvm / relative).write_text(source)
+    return tvm
+
+
+def test_every_patch_names_its_target():
+    assert {patch.target for patch in load_patches(PATCHES)} == {"support/emcc.py", "contrib/emcc.py"}
+
+
+@pytest.mark.parametrize("version", TVM_VERSIONS)
+def test_patch_applies_to_the_real_helper_once(tmp_path, version):
+    original = helper_source(version)
+    assert "all_libs = []" in original and "find_wasm_lib" in original
+    tvm = tvm_tree(tmp_path, "support/emcc.py", original)
+    patch, target, outcome = apply(tvm, load_patches(PATCHES), log=lambda _: None)
+    assert outcome == "applied" and patch.target == "support/emcc.py"
+    patched = target.read_text()
+    assert MARKER in patched and patched.count('llm2wasm_runtime_lib("') == 3
+    assert 'find_wasm_lib("webgpu_runtime.bc")[0]' not in patched
+    compile(patched, str(target), "exec")  # still valid Python
+    # a second application is a no-op: detected, nothing edited
+    assert apply(tvm, load_patches(PATCHES), log=lambda _: None)[2] == "already applied"
+    assert target.read_text() == patched
+    assert not list(target.parent.glob("*.orig")) and not list(target.parent.glob("*.rej"))
+
+
+def test_contrib_layout_patch(tmp_path):
+    tvm = tvm_tree(tmp_path, "contrib/emcc.py", contrib_layout_from(helper_source("0.25.0")))
+    patch, target, outcome = apply(tvm, load_patches(PATCHES), log=lambda _: None)
+    assert outcome == "applied" and patch.target == "contrib/emcc.py"
+    patched = target.read_text()
+    assert "return find_lib_path(name)[0]" in patched and patched.count('llm2wasm_runtime_lib("') == 3
+    compile(patched, str(target), "exec")
+
+
+@pytest.mark.parametrize("drift", [
+    ('all_libs += [find_wasm_lib("tvmjs_support.bc")[0]]', 'all_libs.append(find_wasm_lib("tvmjs_support.bc")[0])'),
+    ("    all_libs = []\n", "    all_libs = list()\n"),
+])
+def test_drifted_helper_fails_loudly_and_is_left_alone(tmp_path, drift):
+    drifted = helper_source("0.27.0.post1").replace(*drift)
+    tvm = tvm_tree(tmp_path, "support/emcc.py", drifted)
+    with pytest.raises(PatchError) as error:
+        apply(tvm, load_patches(PATCHES), log=lambda _: None)
+    message = str(error.value)
+    assert "TVM's emcc.py changed upstream; no llm2wasm patch applies" in message
+    assert str(tvm / "support" / "emcc.py") in message
+    assert "installed TVM:" in message
+    assert "tvm-emcc-support-find_wasm_lib.patch" in message and "tvm-emcc-contrib-find_lib_path.patch" in message
+    assert (tvm / "support" / "emcc.py").read_text() == drifted
+    assert not list((tvm / "support").glob("*.rej"))
+
+
+def test_no_helper_at_all(tmp_path):
+    tvm = tmp_path / "tvm"
+    tvm.mkdir()
+    with pytest.raises(PatchError, match="none of"):
+        apply(tvm, load_patches(PATCHES), log=lambda _: None)
+
+
+def test_command_line_exit_status(tmp_path, capsys):
+    tvm = tvm_tree(tmp_path, "support/emcc.py", helper_source("0.26.0").replace("all_libs = []", "all_libs = [] "))
+    assert main(["apply", "--patches", str(PATCHES), "--tvm-dir", str(tvm)]) == 1
+    assert "no llm2wasm patch applies" in capsys.readouterr().err
+    (tvm / "support" / "emcc.py").write_text(helper_source("0.26.0"))
+    assert main(["apply", "--patches", str(PATCHES), "--tvm-dir", str(tvm)]) == 0
+    assert main(["status", "--patches", str(PATCHES), "--tvm-dir", str(tvm)]) == 0
+    assert "support/emcc.py: applied" in capsys.readouterr().out
