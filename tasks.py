@@ -47,6 +47,7 @@ SET_HELP = "override one pin for this run, KEY=VALUE (repeatable), e.g. emsdk_ve
         "dry_run": "print the exact plan (images, build args, pin sources) and build nothing",
         "quiet": "show only progress lines; full output goes to .llm2wasm/logs/",
         "reverify": "run the checks even for images that already passed them",
+        "no_cache": "build without Docker's cache (a cached step never sees a newer nightly wheel)",
         "repository": "image repository for the tags (default llm2wasm)",
         "images": "folder of layer Dockerfiles (default images/)",
     },
@@ -61,6 +62,7 @@ def build(
     dry_run=False,
     quiet=False,
     reverify=False,
+    no_cache=False,
     repository="llm2wasm",
     images=None,
 ):
@@ -78,7 +80,7 @@ def build(
     if dry_run:
         print(plan.describe())
         return
-    results = build_plan(plan, Reporter(quiet=quiet), reverify=reverify)
+    results = build_plan(plan, Reporter(quiet=quiet), reverify=reverify, no_cache=no_cache)
     print(f"built and verified {len(results)} layer(s); final image {results[-1].tag}")
 
 
@@ -139,8 +141,8 @@ def verify(c, profile="stable", layer=None, set_=None, own_only=False, repositor
 def convert(
     c,
     model_dir,
-    quantization,
-    output,
+    quantization=None,
+    output=None,
     adapter=None,
     conv_template=None,
     model_id=None,
@@ -156,6 +158,10 @@ def convert(
     from llm2wasm.layers import FINAL_LAYER, get_layer
     from llm2wasm.run import ConvertJob, run_convert_job
 
+    if not quantization or not output:
+        raise UsageError(
+            "convert needs --quantization (-q) and --output (-o): invoke convert MODEL_DIR -q q4f16_1 -o OUT"
+        )
     options = []
     for flag, value in (
         ("--conv-template", conv_template),

@@ -22,16 +22,19 @@ def pytest_collection_modifyitems(items):
 
 def invoke(*args: str, env: dict | None = None, timeout: float = 3600) -> subprocess.CompletedProcess:
     """Run a task the way a user does; output captured as text."""
-    return subprocess.run([*INVOKE, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*INVOKE, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 @pytest.fixture(scope="session")
 def docker_engine():
     result = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True)
     if result.returncode != 0:
-        pytest.fail("the integration tests need a running Docker engine: run `bash .ci/setup.sh` as root "
-                    f"(or `invoke test --unit` for the unit tests only)\n{result.stderr}")
+        pytest.fail(
+            "the integration tests need a running Docker engine: run `bash .ci/setup.sh` as root "
+            f"(or `invoke test --unit` for the unit tests only)\n{result.stderr}"
+        )
     return result.stdout.strip()
 
 

@@ -23,8 +23,21 @@ def helper_source(version: str) -> str:
     extracted = cache_dir() / f"emcc-{version}.py"
     if not extracted.exists():
         wheels = cache_dir() / version
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                        "--dest", str(wheels), f"apache-tvm=={version}"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--dest",
+                str(wheels),
+                f"apache-tvm=={version}",
+            ],
+            check=True,
+        )
         wheel = next(wheels.glob("apache_tvm-*.whl"))
         with zipfile.ZipFile(wheel) as archive:
             extracted.write_text(archive.read(HELPER).decode())
@@ -39,10 +52,13 @@ def contrib_layout_from(support_source: str) -> str:
     (same 3,319 characters); the mlc-ai wheels themselves are not reachable from the test machines."""
     start, end = support_source.index("def find_wasm_lib"), support_source.index("def create_tvmjs_wasm")
     text = support_source[:start] + support_source[end:]
-    text = text.replace('"""Util to invoke emscripten compilers in the system."""\n\n#',
-                        '"""Util to invoke emscripten compilers in the system."""\n#')
-    text = text.replace("from tvm import libinfo\n",
-                        "from tvm._ffi.base import py_str\nfrom tvm._ffi.libinfo import find_lib_path\n")
+    text = text.replace(
+        '"""Util to invoke emscripten compilers in the system."""\n\n#',
+        '"""Util to invoke emscripten compilers in the system."""\n#',
+    )
+    text = text.replace(
+        "from tvm import libinfo\n", "from tvm._ffi.base import py_str\nfrom tvm._ffi.libinfo import find_lib_path\n"
+    )
     for name in ("wasm_runtime", "tvmjs_support", "webgpu_runtime"):
         text = text.replace(f'find_wasm_lib("{name}.bc")', f'find_lib_path("{name}.bc")')
     return text.replace('out.decode("utf-8", errors="replace")', "py_str(out)")

@@ -81,6 +81,7 @@ def build_plan(
     reporter: Reporter | None = None,
     *,
     reverify: bool = False,
+    no_cache: bool = False,
     on_built: Callable[[LayerResult], None] | None = None,
 ) -> list[LayerResult]:
     reporter = reporter or Reporter()
@@ -108,6 +109,7 @@ def build_plan(
                 network=step.network,
                 iidfile=iidfile,
                 on_line=lambda line, name=name, log=log: reporter.build_line(name, line, log),
+                no_cache=no_cache,
             )
             image_id = iidfile.read_text().strip() if iidfile.exists() else ""
         build_seconds = time.monotonic() - started

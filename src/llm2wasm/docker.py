@@ -69,12 +69,15 @@ def build(
     network: str,
     iidfile: Path,
     on_line: Callable[[str], None],
+    no_cache: bool = False,
 ) -> int:
     """docker build with BuildKit, streaming each output line to on_line. Returns the exit status.
 
     The image is not tagged here: the builder tags it only after its checks pass.
     """
     cmd = [docker_bin(), "build", "--progress=plain", "--file", str(dockerfile), "--iidfile", str(iidfile)]
+    if no_cache:  # e.g. for nightlies: a cached `pip install` never sees a newer wheel
+        cmd.append("--no-cache")
     if network and network != "default":
         cmd += ["--network", network]
     for key, value in build_args.items():

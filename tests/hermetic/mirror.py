@@ -165,6 +165,13 @@ def ensure_wheelhouse() -> Path:
         old.unlink()
     with tempfile.TemporaryDirectory() as build:
         shutil.copytree(STANDINS / "mlc_llm_package", Path(build) / "pkg")
+        # A local version label from the stand-in's content: a changed stand-in gets a new file name,
+        # so neither pip's HTTP cache nor a stale wheelhouse can hand out the old one.
+        pyproject = Path(build) / "pkg" / "pyproject.toml"
+        text = pyproject.read_text()
+        pyproject.write_text(
+            text.replace('version = "0.20.0.dev0"', f'version = "0.20.0.dev0+standin.{wanted["standin"][:8]}"')
+        )
         run(
             [
                 sys.executable,

@@ -43,13 +43,22 @@ def test_verify_before_build_names_the_fix(hermetic_chain):
 
 # One broken layer per kind of check: (layer to break, line appended to its Dockerfile, the check that must catch it)
 BREAKAGES = {
-    "missing-artifact": ("web-runtime", "RUN rm /opt/mlc-llm/web/dist/wasm/mlc_wasm_runtime.bc",
-                         "test_mlc_wasm_runtime_built"),
-    "wrong-version": ("emsdk", "RUN echo '\"3.1.99\"' > /opt/emsdk/upstream/emscripten/emscripten-version.txt",
-                      "test_emcc_is_the_pinned_version"),
+    "missing-artifact": (
+        "web-runtime",
+        "RUN rm /opt/mlc-llm/web/dist/wasm/mlc_wasm_runtime.bc",
+        "test_mlc_wasm_runtime_built",
+    ),
+    "wrong-version": (
+        "emsdk",
+        "RUN echo '\"3.1.99\"' > /opt/emsdk/upstream/emscripten/emscripten-version.txt",
+        "test_emcc_is_the_pinned_version",
+    ),
     "env-path-with-spaces": ("python", "ENV PATH = /opt/venv/bin:$PATH", "test_no_malformed_env_in_metadata"),
-    "dangling-ld-library-path": ("runtime-env", "ENV LD_LIBRARY_PATH=/usr/local/cuda/lib64",
-                                 "test_path_entries_in_metadata_exist"),
+    "dangling-ld-library-path": (
+        "runtime-env",
+        "ENV LD_LIBRARY_PATH=/usr/local/cuda/lib64",
+        "test_path_entries_in_metadata_exist",
+    ),
 }
 
 
@@ -62,8 +71,7 @@ def test_broken_layer_stops_the_build(hermetic_chain, tmp_path, kind):
         handle.write(f"\n# deliberately broken by tests/integration ({kind})\n{line}\n")
     repository = f"llm2wasm-broken-{kind}"
     try:
-        result = invoke("build", "--profile", HERMETIC, "--quiet", "--images", str(images),
-                        "--repository", repository)
+        result = invoke("build", "--profile", HERMETIC, "--quiet", "--images", str(images), "--repository", repository)
         output = result.stdout + result.stderr
         assert result.returncode == 1, output
         assert f"build stopped at layer '{layer}': checks failed" in output
@@ -73,7 +81,7 @@ def test_broken_layer_stops_the_build(hermetic_chain, tmp_path, kind):
             assert image_exists(f"{repository}:{before}-{HERMETIC}"), before
         for after in LAYER_NAMES[position:]:
             assert not image_exists(f"{repository}:{after}-{HERMETIC}"), f"{after} was tagged"
-        for later in LAYER_NAMES[position + 1:]:
+        for later in LAYER_NAMES[position + 1 :]:
             assert f"] {later}: building" not in output, f"{later} was built after a failed layer"
     finally:
         for name in LAYER_NAMES:
@@ -83,10 +91,18 @@ def test_broken_layer_stops_the_build(hermetic_chain, tmp_path, kind):
 def test_tvm_source_moved_off_the_pinned_commit_is_caught(hermetic_chain):
     """The web runtime must come from the TVM commit mlc-llm pins; a checkout that moved is caught."""
     tag = "llm2wasm-broken:tvm-moved"
-    dockerfile = (f"FROM llm2wasm:web-runtime-{HERMETIC}\n"
-                  "RUN git -C $TVM_SOURCE_DIR -c user.name=t -c user.email=t@t.invalid commit -q --allow-empty -m moved\n")
-    subprocess.run(["docker", "build", "-q", "-t", tag, "-"], input=dockerfile, text=True, check=True,
-                   capture_output=True, env={"DOCKER_BUILDKIT": "1", "PATH": "/usr/local/bin:/usr/bin:/bin"})
+    dockerfile = (
+        f"FROM llm2wasm:web-runtime-{HERMETIC}\n"
+        "RUN git -C $TVM_SOURCE_DIR -c user.name=t -c user.email=t@t.invalid commit -q --allow-empty -m moved\n"
+    )
+    subprocess.run(
+        ["docker", "build", "-q", "-t", tag, "-"],
+        input=dockerfile,
+        text=True,
+        check=True,
+        capture_output=True,
+        env={"DOCKER_BUILDKIT": "1", "PATH": "/usr/local/bin:/usr/bin:/bin"},
+    )
     try:
         result = run_checks(tag, "web-runtime", resolve_profile(HERMETIC), own_only=True)
         assert not result.passed
@@ -103,11 +119,14 @@ def test_stable_dry_run_prints_the_real_upstream_plan():
     assert "--build-arg BASE_IMAGE=ubuntu:24.04  (pin base_image)" in result.stdout
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--profile", "nosuch"], "unknown profile 'nosuch'"),
-    (["--set", "emsdk_verison=1"], "unknown pin 'emsdk_verison'"),
-    (["--until", "nosuch"], "unknown layer 'nosuch'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--profile", "nosuch"], "unknown profile 'nosuch'"),
+        (["--set", "emsdk_verison=1"], "unknown pin 'emsdk_verison'"),
+        (["--until", "nosuch"], "unknown layer 'nosuch'"),
+    ],
+)
 def test_bad_build_input_exits_2(args, message):
     result = invoke("build", "--dry-run", *args)
     assert result.returncode == 2

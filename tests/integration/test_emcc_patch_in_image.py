@@ -12,14 +12,14 @@ import pytest
 
 from llm2wasm import docker
 from llm2wasm.emcc_patch import apply, load_patches
-from llm2wasm.plan import make_plan
 from llm2wasm.pins import resolve_profile
+from llm2wasm.plan import make_plan
 from tests.conftest import HERMETIC, ROOT
 from tests.tvm_wheels import TVM_VERSIONS, helper_source
 
 RUNTIME_IMAGE = f"llm2wasm:runtime-env-{HERMETIC}"
 
-PROBE = r'''
+PROBE = r"""
 import base64, importlib.util, os, sys, tempfile
 path = os.path.join(tempfile.mkdtemp(), "patched_emcc.py")
 open(path, "w").write(base64.b64decode(sys.argv[1]).decode())
@@ -39,7 +39,7 @@ except RuntimeError as error:
     print("missing", str(error).replace("\n", " "))
 del os.environ["LLM2WASM_WASM_RUNTIME_DIR"]
 print("unset", module.llm2wasm_runtime_lib("tvmjs_support.bc"))
-'''
+"""
 
 
 def patched_source(version: str) -> str:
@@ -54,13 +54,31 @@ def patched_source(version: str) -> str:
 @pytest.mark.parametrize("version", TVM_VERSIONS)
 def test_patched_helper_resolves_bitcode_with_real_tvm(hermetic_chain, version):
     encoded = base64.b64encode(patched_source(version).encode()).decode()
-    result = subprocess.run(["docker", "run", "--rm", "-i", "--network", "none", "--entrypoint", "python",
-                             RUNTIME_IMAGE, "-c", PROBE, encoded], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            "docker",
+            "run",
+            "--rm",
+            "-i",
+            "--network",
+            "none",
+            "--entrypoint",
+            "python",
+            RUNTIME_IMAGE,
+            "-c",
+            PROBE,
+            encoded,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in result.stdout.splitlines()}
     directory = "/opt/mlc-llm/3rdparty/tvm/web/dist/wasm"
-    assert lines["configured"].split() == [f"{directory}/{n}" for n in ("wasm_runtime.bc", "tvmjs_support.bc",
-                                                                         "webgpu_runtime.bc")]
+    assert lines["configured"].split() == [
+        f"{directory}/{n}" for n in ("wasm_runtime.bc", "tvmjs_support.bc", "webgpu_runtime.bc")
+    ]
     assert lines["linked"] == "True True True True"  # a wasm module linked from all three runtime files
     assert "Cannot find wasm_runtime.bc in LLM2WASM_WASM_RUNTIME_DIR=/tmp/" in lines["missing"]
     assert "build the TVM web runtime there" in lines["missing"]
@@ -70,18 +88,31 @@ def test_patched_helper_resolves_bitcode_with_real_tvm(hermetic_chain, version):
 
 def test_drifted_helper_stops_the_runtime_env_build(hermetic_chain):
     drifted = "llm2wasm-broken:emcc-drifted"
-    dockerfile = (f"FROM llm2wasm:web-runtime-{HERMETIC}\n"
-                  "RUN sed -i 's/all_libs = \\[\\]/all_libs = list()/' "
-                  "/opt/venv/lib/python3.11/site-packages/tvm/support/emcc.py\n")
-    subprocess.run(["docker", "build", "-q", "-t", drifted, "-"], input=dockerfile, text=True, check=True,
-                   capture_output=True, env={"DOCKER_BUILDKIT": "1", "PATH": "/usr/local/bin:/usr/bin:/bin"})
+    dockerfile = (
+        f"FROM llm2wasm:web-runtime-{HERMETIC}\n"
+        "RUN sed -i 's/all_libs = \\[\\]/all_libs = list()/' "
+        "/opt/venv/lib/python3.11/site-packages/tvm/support/emcc.py\n"
+    )
+    subprocess.run(
+        ["docker", "build", "-q", "-t", drifted, "-"],
+        input=dockerfile,
+        text=True,
+        check=True,
+        capture_output=True,
+        env={"DOCKER_BUILDKIT": "1", "PATH": "/usr/local/bin:/usr/bin:/bin"},
+    )
     step = next(s for s in make_plan(resolve_profile(HERMETIC)).steps if s.layer.name == "runtime-env")
     lines: list[str] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            status = docker.build(dockerfile=step.dockerfile, context=ROOT,
-                                  build_args={"BASE_IMAGE": drifted, "CUDA_LIBRARY_PATH": ""}, network="host",
-                                  iidfile=Path(tmp) / "iid", on_line=lines.append)
+            status = docker.build(
+                dockerfile=step.dockerfile,
+                context=ROOT,
+                build_args={"BASE_IMAGE": drifted, "CUDA_LIBRARY_PATH": ""},
+                network="host",
+                iidfile=Path(tmp) / "iid",
+                on_line=lines.append,
+            )
     finally:
         subprocess.run(["docker", "image", "rm", drifted], capture_output=True)
     output = "\n".join(lines)

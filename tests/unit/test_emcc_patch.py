@@ -51,10 +51,13 @@ def test_contrib_layout_patch(tmp_path):
     compile(patched, str(target), "exec")
 
 
-@pytest.mark.parametrize("drift", [
-    ('all_libs += [find_wasm_lib("tvmjs_support.bc")[0]]', 'all_libs.append(find_wasm_lib("tvmjs_support.bc")[0])'),
-    ("    all_libs = []\n", "    all_libs = list()\n"),
-])
+@pytest.mark.parametrize(
+    "drift",
+    [
+        ('all_libs += [find_wasm_lib("tvmjs_support.bc")[0]]', 'all_libs.append(find_wasm_lib("tvmjs_support.bc")[0])'),
+        ("    all_libs = []\n", "    all_libs = list()\n"),
+    ],
+)
 def test_drifted_helper_fails_loudly_and_is_left_alone(tmp_path, drift):
     drifted = helper_source("0.27.0.post1").replace(*drift)
     tvm = tvm_tree(tmp_path, "support/emcc.py", drifted)

@@ -68,7 +68,8 @@ class Workspace:
         try:
             self.state = json.loads(self.state_path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
-            self.state = {"llm2wasm": __version__, "steps": {}}
+            self.state = {"llm2wasm": __version__}
+        self.state.setdefault("steps", {})
 
     def prepare(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """STAND-IN for `python -m mlc_llm` (mlc-llm v0.20.0 python/mlc_llm/__main__.py and cli/*.py).
 
 Argument errors exit 2 with the message on stderr (argparse); errors after parsing are uncaught
-exceptions (exit 1), as upstream. Set MLC_LLM_STANDIN_LOG to a file to record each call's
-arguments as one JSON line.
+exceptions (exit 1), as upstream. Test hooks (stand-in only): MLC_LLM_STANDIN_LOG names a file that
+gets one JSON line when a call starts and one when it ends; MLC_LLM_STANDIN_DELAY (seconds) makes
+convert_weight and compile take that long, so tests can see them overlap or kill one midway.
 """
 
 import argparse
@@ -20,11 +21,11 @@ SHARD_LIMIT = 32 * 1024 * 1024
 BITS = {"q0f16": 16, "q0bf16": 16, "q0f32": 32, "q4f32_1": 4.5}
 
 
-def record(argv):
+def record(argv, event):
     log = os.environ.get("MLC_LLM_STANDIN_LOG")
     if log:
         with open(log, "a") as handle:
-            handle.write(json.dumps({"argv": argv, "cwd": os.getcwd(), "time": time.time()}) + "\n")
+            handle.write(json.dumps({"event": event, "argv": argv, "cwd": os.getcwd(), "time": time.time()}) + "\n")
 
 
 def config_file(path):
@@ -204,11 +205,14 @@ def main(argv):
         parser.print_help()
         return 0
     parsed = parser.parse_args(argv[:1])
-    record(argv)
+    record(argv, "start")
     handlers = {"gen_config": cmd_gen_config, "convert_weight": cmd_convert_weight, "compile": cmd_compile}
     if parsed.subcommand not in handlers:
         raise NotImplementedError(f"the stand-in mlc_llm does not implement {parsed.subcommand}")
+    if parsed.subcommand in {"convert_weight", "compile"}:
+        time.sleep(float(os.environ.get("MLC_LLM_STANDIN_DELAY", "0")))
     handlers[parsed.subcommand](argv[1:])
+    record(argv, "end")
     return 0
 
 
