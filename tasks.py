@@ -188,6 +188,35 @@ def convert(
         raise Exit(code=status)
 
 
+@task(
+    help={
+        "profile": PROFILE_HELP,
+        "to": "target repository, e.g. ghcr.io/OWNER/llm2wasm",
+        "set_": SET_HELP,
+        "no_push": "only tag locally",
+    },
+    iterable=["set_"],
+)
+@friendly
+def publish(c, to, profile="stable", set_=None, no_push=False):
+    """Tag the verified final image from its contents (python, mlc-llm, emsdk, commit, date) and push it."""
+    import time
+
+    from llm2wasm.pins import resolve_profile
+    from llm2wasm.plan import git_revision
+    from llm2wasm.publish import publish as publish_image
+
+    revision, _ = git_revision()
+    refs = publish_image(
+        resolve_profile(profile, set_ or []),
+        to,
+        revision=revision,
+        date=time.strftime("%Y%m%d", time.gmtime()),
+        push=not no_push,
+    )
+    print("\n".join(refs))
+
+
 @task(help={"json": "print the registry as JSON (what CI reads)"})
 def layers(c, json=False):
     """List the layers in build order."""
@@ -226,4 +255,4 @@ def mirror(c, action="up"):
     c.run(f"{sys.executable} tests/hermetic/mirror.py {action}")
 
 
-ns = Collection(build, verify, convert, layers, lint, test, mirror)
+ns = Collection(build, verify, convert, publish, layers, lint, test, mirror)

@@ -52,10 +52,14 @@ def hermetic_mirror(docker_engine):
 @pytest.fixture(scope="session")
 def hermetic_chain(hermetic_mirror):
     """Every layer of the hermetic profile, built and verified with `invoke build` (from nothing in CI)."""
-    result = invoke("build", "--profile", HERMETIC, "--quiet")
+    result = invoke("build", *hermetic_build_args(hermetic_mirror))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     return output
+
+
+def hermetic_build_args(mirror) -> list[str]:
+    return ["--profile", HERMETIC, "--quiet", "--set", f"mlc_llm_requirement={mirror.standin_requirement()}"]
 
 
 def image_exists(ref: str) -> bool:

@@ -210,6 +210,13 @@ def git(*args: str, cwd: Path) -> str:
     ).stdout.strip()
 
 
+def standin_requirement() -> str:
+    """The exact stand-in mlc_llm requirement. Docker caches `pip install` by its command line, not
+    by what the wheelhouse holds, so the tests pass this as a pin: a changed stand-in rebuilds ml."""
+    wheel = next((cache_dir() / "wheelhouse").glob("mlc_llm_standin-*.whl"))
+    return "mlc-llm-standin==" + wheel.name.split("-")[1]
+
+
 def ensure_git_repos() -> Path:
     """(Re)create the bare repositories from tests/standins; cheap, so always fresh."""
     base = cache_dir() / "git"

@@ -11,7 +11,7 @@ import pytest
 from llm2wasm.layers import LAYERS
 from llm2wasm.pins import resolve_profile
 from llm2wasm.verify import run_checks
-from tests.conftest import HERMETIC, ROOT, image_exists, invoke
+from tests.conftest import HERMETIC, ROOT, hermetic_build_args, image_exists, invoke
 
 LAYER_NAMES = [layer.name for layer in LAYERS]
 
@@ -23,8 +23,8 @@ def test_every_layer_built_verified_and_tagged(hermetic_chain):
         assert image_exists(f"llm2wasm:{name}-{HERMETIC}")
 
 
-def test_unchanged_layers_are_not_verified_again(hermetic_chain):
-    result = invoke("build", "--profile", HERMETIC, "--quiet")
+def test_unchanged_layers_are_not_verified_again(hermetic_chain, hermetic_mirror):
+    result = invoke("build", *hermetic_build_args(hermetic_mirror))
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("already passed these checks; not verified again") == len(LAYERS)
 
@@ -63,7 +63,7 @@ BREAKAGES = {
 
 
 @pytest.mark.parametrize("kind", list(BREAKAGES))
-def test_broken_layer_stops_the_build(hermetic_chain, tmp_path, kind):
+def test_broken_layer_stops_the_build(hermetic_chain, hermetic_mirror, tmp_path, kind):
     layer, line, check = BREAKAGES[kind]
     images = tmp_path / "images"
     shutil.copytree(ROOT / "images", images)
@@ -71,7 +71,9 @@ def test_broken_layer_stops_the_build(hermetic_chain, tmp_path, kind):
         handle.write(f"\n# deliberately broken by tests/integration ({kind})\n{line}\n")
     repository = f"llm2wasm-broken-{kind}"
     try:
-        result = invoke("build", "--profile", HERMETIC, "--quiet", "--images", str(images), "--repository", repository)
+        result = invoke(
+            "build", *hermetic_build_args(hermetic_mirror), "--images", str(images), "--repository", repository
+        )
         output = result.stdout + result.stderr
         assert result.returncode == 1, output
         assert f"build stopped at layer '{layer}': checks failed" in output
@@ -88,7 +90,7 @@ def test_broken_layer_stops_the_build(hermetic_chain, tmp_path, kind):
             subprocess.run(["docker", "image", "rm", f"{repository}:{name}-{HERMETIC}"], capture_output=True)
 
 
-def test_tvm_source_moved_off_the_pinned_commit_is_caught(hermetic_chain):
+def test_tvm_source_moved_off_the_pinned_commit_is_caught(hermetic_chain, hermetic_mirror):
     """The web runtime must come from the TVM commit mlc-llm pins; a checkout that moved is caught."""
     tag = "llm2wasm-broken:tvm-moved"
     dockerfile = (
@@ -104,7 +106,8 @@ def test_tvm_source_moved_off_the_pinned_commit_is_caught(hermetic_chain):
         env={"DOCKER_BUILDKIT": "1", "PATH": "/usr/local/bin:/usr/bin:/bin"},
     )
     try:
-        result = run_checks(tag, "web-runtime", resolve_profile(HERMETIC), own_only=True)
+        pins = resolve_profile(HERMETIC, [f"mlc_llm_requirement={hermetic_mirror.standin_requirement()}"])
+        result = run_checks(tag, "web-runtime", pins, own_only=True)
         assert not result.passed
         assert "FAILED verify/test_web_runtime.py::test_tvm_source_is_the_submodule_mlc_llm_pins" in result.output
     finally:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -236,7 +237,8 @@ class Converter:
         weights_key = key_of(source_key, r.quantization)
         compile_key = key_of(config_key, r.model_id, r.overrides())
         # Both need only the generated config: run them at the same time.
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        # LLM2WASM_STEP_WORKERS=1 runs them one after the other (for comparison, bench/bench.py).
+        with ThreadPoolExecutor(max_workers=int(os.environ.get("LLM2WASM_STEP_WORKERS", "2"))) as pool:
             futures = [
                 pool.submit(self.step, "convert_weight", weights_key, self.convert_weight),
                 pool.submit(self.step, "compile", compile_key, self.compile),

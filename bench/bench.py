@@ -1,0 +1,158 @@
+"""Side-by-side timings, one run, printed as ratios: not a test (nothing here passes or fails).
+
+Builds (hermetic mirror): the seed as one flat Dockerfile (bench/seed-equivalent) against the
+llm2wasm layer chain with its checks, cold (no cache) and after a change to the conversion code.
+Conversions (hermetic app image, stand-in mlc_llm slowed to DELAY seconds per heavy step): weight
+conversion and compilation one after the other against at the same time, and a re-run (resume).
+
+    python bench/bench.py [--delay 5] [--skip-builds]      (needs `invoke mirror` running)
+Results are appended to bench/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests" / "hermetic"))
+
+import mirror  # noqa: E402
+
+from llm2wasm.pins import resolve_profile  # noqa: E402
+
+INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
+
+
+def timed(cmd: list[str], **kwargs) -> float:
+    started = time.monotonic()
+    result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return time.monotonic() - started
+
+
+def flat_build(no_cache: bool) -> float:
+    pins = resolve_profile("hermetic")
+    requirements = " ".join(
+        pins[k]
+        for k in (
+            "torch_requirement",
+            "transformers_requirement",
+            "peft_requirement",
+            "bitsandbytes_requirement",
+            "mlc_ai_requirement",
+        )
+    )
+    requirements += " " + mirror.standin_requirement()
+    cmd = [
+        "docker",
+        "build",
+        "--network",
+        "host",
+        "-f",
+        str(ROOT / "bench/seed-equivalent/Dockerfile"),
+        "-t",
+        "llm2wasm-bench:flat",
+        "--build-arg",
+        f"PIP_OPTIONS={pins['pip_options']}",
+        "--build-arg",
+        f"REQUIREMENTS={requirements}",
+        "--build-arg",
+        f"EMSDK_REPO={pins['emsdk_repo']}",
+        "--build-arg",
+        f"MLC_LLM_REPO={pins['mlc_llm_repo']}",
+        str(ROOT),
+    ]
+    if no_cache:
+        cmd.insert(2, "--no-cache")
+    return timed(cmd, env={**os.environ, "DOCKER_BUILDKIT": "1"})
+
+
+def layered_build(no_cache: bool) -> float:
+    cmd = [
+        *INVOKE,
+        "build",
+        "--profile",
+        "hermetic",
+        "--quiet",
+        "--repository",
+        "llm2wasm-bench",
+        "--set",
+        f"mlc_llm_requirement={mirror.standin_requirement()}",
+    ]
+    if no_cache:
+        cmd += ["--no-cache", "--reverify"]
+    return timed(cmd)
+
+
+def touch_conversion_code() -> None:
+    marker = ROOT / "src" / "llm2wasm" / "convert" / "_bench_marker.py"
+    marker.write_text(f"# written by bench/bench.py at {time.time()}\n")
+
+
+def conversions(delay: float) -> dict[str, float]:
+    image = "llm2wasm:app-hermetic"
+    work = Path(tempfile.mkdtemp(prefix="llm2wasm-bench-"))
+    user = f"{os.getuid()}:{os.getgid()}"
+    base = ["docker", "run", "--rm", "--network", "none", "--user", user, "-v", f"{work}:/w"]
+    timed([*base, image, "selftest", "--keep", "/w/models"])
+    args = ["convert", "/w/models/tiny-llama", "-q", "q4f16_1", "--conv-template", "llama-2"]
+    env = ["-e", f"MLC_LLM_STANDIN_DELAY={delay}"]
+    results = {
+        "sequential (LLM2WASM_STEP_WORKERS=1)": timed(
+            [*base, *env, "-e", "LLM2WASM_STEP_WORKERS=1", image, *args, "-o", "/w/sequential"]
+        ),
+        "concurrent (default)": timed([*base, *env, image, *args, "-o", "/w/concurrent"]),
+        "re-run, nothing changed": timed([*base, *env, image, *args, "-o", "/w/concurrent"]),
+    }
+    shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--delay", type=float, default=5.0, help="seconds per heavy stand-in step")
+    parser.add_argument("--skip-builds", action="store_true")
+    args = parser.parse_args()
+    mirror.up()
+    lines = [f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} ({os.cpu_count()} cores)", ""]
+    if not args.skip_builds:
+        builds = {
+            "cold": (flat_build(True), layered_build(True)),
+            "warm, nothing changed": (flat_build(False), layered_build(False)),
+        }
+        touch_conversion_code()
+        try:
+            builds["after a change to src/"] = (flat_build(False), layered_build(False))
+        finally:
+            (ROOT / "src" / "llm2wasm" / "convert" / "_bench_marker.py").unlink(missing_ok=True)
+        lines += [
+            "| build | seed, flat (s) | llm2wasm layers + checks (s) | layers / flat |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {name} | {flat:.1f} | {layered:.1f} | {layered / flat:.2f} |"
+            for name, (flat, layered) in builds.items()
+        ]
+        lines.append("")
+    runs = conversions(args.delay)
+    sequential = runs["sequential (LLM2WASM_STEP_WORKERS=1)"]
+    lines += [f"| conversion (stand-in steps {args.delay:g}s) | seconds | vs sequential |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {seconds:.1f} | {seconds / sequential:.2f} |" for name, seconds in runs.items()]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(ROOT / "bench" / "results.md", "a") as handle:
+        handle.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
