@@ -217,6 +217,34 @@ def publish(c, to, profile="stable", set_=None, no_push=False):
     print("\n".join(refs))
 
 
+@task
+def doctor(c):
+    """Check this host: docker CLI, engine, buildx, NVIDIA runtime, free disk; each with its fix."""
+    from llm2wasm.doctor import check_host, report
+
+    text, healthy = report(check_host(ROOT))
+    print(text)
+    if not healthy:
+        raise Exit("doctor found problems (see the fixes above)", code=1)
+
+
+@task(help={"profile": "remove this profile's images (default: every profile)"})
+def clean(c, profile=None):
+    """Remove llm2wasm's images (llm2wasm:*), build logs and verification records."""
+    import shutil
+
+    from llm2wasm import docker
+    from llm2wasm.layers import LAYERS
+    from llm2wasm.pins import profile_names
+    from llm2wasm.state import STATE_DIR
+
+    for name in [profile] if profile else profile_names():
+        for layer in LAYERS:
+            docker.remove_image(layer.tag(name))
+    shutil.rmtree(STATE_DIR, ignore_errors=True)
+    print("removed llm2wasm images and .llm2wasm/")
+
+
 @task(help={"json": "print the registry as JSON (what CI reads)"})
 def layers(c, json=False):
     """List the layers in build order."""
@@ -255,4 +283,4 @@ def mirror(c, action="up"):
     c.run(f"{sys.executable} tests/hermetic/mirror.py {action}")
 
 
-ns = Collection(build, verify, convert, publish, layers, lint, test, mirror)
+ns = Collection(build, verify, convert, publish, layers, lint, test, mirror, doctor, clean)

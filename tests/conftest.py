@@ -62,6 +62,18 @@ def hermetic_build_args(mirror) -> list[str]:
     return ["--profile", HERMETIC, "--quiet", "--set", f"mlc_llm_requirement={mirror.standin_requirement()}"]
 
 
+def build_derived_image(tag: str, dockerfile: str) -> None:
+    """A small image FROM a built layer, from a Dockerfile given as text (no context)."""
+    subprocess.run(
+        ["docker", "build", "-q", "-t", tag, "-"],
+        input=dockerfile,
+        text=True,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "DOCKER_BUILDKIT": "1"},
+    )
+
+
 def image_exists(ref: str) -> bool:
     return subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode == 0
 

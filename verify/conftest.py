@@ -104,6 +104,19 @@ def exec_(container) -> Exec:
 
 
 @pytest.fixture(scope="session")
+def checked_out_ref(host):
+    """The ref a clone made with `git clone --branch REF` is at: the exact tag, else the branch."""
+
+    def ref_of(path: str, ref: str) -> str:
+        git = f"git -C {path}"
+        if host.run(f"{git} rev-parse --verify --quiet refs/tags/{ref}").rc == 0:
+            return host.check_output(f"{git} describe --tags --exact-match")
+        return host.check_output(f"{git} rev-parse --abbrev-ref HEAD")
+
+    return ref_of
+
+
+@pytest.fixture(scope="session")
 def container_env(exec_) -> dict[str, str]:
     out = exec_("env", "-0").stdout
     return dict(item.split("=", 1) for item in out.split("\0") if "=" in item)

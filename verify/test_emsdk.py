@@ -39,13 +39,8 @@ def test_env_matches_emsdks_own(host, image_env):
     assert node == host.check_output(f"readlink -f {image_env['EMSDK_NODE']}")
 
 
-def test_checkout_is_the_pinned_ref(host, image_env, pins):
-    ref = pins["emsdk_ref"]
-    git = f"git -C {image_env['EMSDK']}"
-    if host.run(f"{git} rev-parse --verify --quiet refs/tags/{ref}").rc == 0:
-        assert host.check_output(f"{git} describe --tags --exact-match") == ref
-    else:
-        assert host.check_output(f"{git} rev-parse --abbrev-ref HEAD") == ref
+def test_checkout_is_the_pinned_ref(checked_out_ref, image_env, pins):
+    assert checked_out_ref(image_env["EMSDK"], pins["emsdk_ref"]) == pins["emsdk_ref"]
 
 
 def test_downloads_cleaned(host, image_env):

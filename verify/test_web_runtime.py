@@ -36,13 +36,8 @@ def test_tvm_web_runtime_built(host, image_env, name):
     assert path.is_file and path.size > 0, f"{path.path} missing or empty"
 
 
-def test_mlc_llm_checkout_is_the_pinned_ref(host, image_env, pins):
-    ref = pins["mlc_llm_ref"]
-    git = f"git -C {image_env['MLC_LLM_SOURCE_DIR']}"
-    if host.run(f"{git} rev-parse --verify --quiet refs/tags/{ref}").rc == 0:
-        assert host.check_output(f"{git} describe --tags --exact-match") == ref
-    else:
-        assert host.check_output(f"{git} rev-parse --abbrev-ref HEAD") == ref
+def test_mlc_llm_checkout_is_the_pinned_ref(checked_out_ref, image_env, pins):
+    assert checked_out_ref(image_env["MLC_LLM_SOURCE_DIR"], pins["mlc_llm_ref"]) == pins["mlc_llm_ref"]
 
 
 def test_tvm_source_is_the_submodule_mlc_llm_pins(host, image_env):

@@ -131,7 +131,7 @@ def build_plan(
             result = run_checks(image_id, name, plan.profile, junit_dir=STATE_DIR / "reports" / plan.profile.name)
             verify_seconds = result.seconds
             if not result.passed:
-                state.forget(name)
+                state.forget(name, image_id)
                 reporter.say(
                     f"!!! [{index}/{total}] {name}: checks FAILED ({result.summary}) in "
                     f"{result.seconds:.1f}s; not tagged, later layers not built.\n{result.output}"

@@ -26,8 +26,8 @@ def checks_digest(layer: str, profile: Profile) -> str:
 
 
 class VerifiedImages:
-    """Per profile, not per tag: an image ID that passed a layer's checks passed them, whatever
-    repository it is tagged in."""
+    """Per profile, keyed by layer and image ID: an image that passed a layer's checks passed them,
+    whatever it is tagged as, and a failing image never erases the record of another one."""
 
     def __init__(self, profile: str, state_dir: Path = STATE_DIR):
         self.path = state_dir / "state" / f"{profile}.json"
@@ -36,21 +36,27 @@ class VerifiedImages:
         except (FileNotFoundError, json.JSONDecodeError):
             self.records = {}
 
-    def is_verified(self, layer: str, image_id: str, digest: str) -> bool:
-        record = self.records.get(layer)
-        return bool(record) and record["image_id"] == image_id and record["checks_digest"] == digest
+    @staticmethod
+    def _key(layer: str, image_id: str) -> str:
+        return f"{layer}@{image_id}"
 
-    def record(self, layer: str, image_id: str, digest: str) -> None:
-        self.records[layer] = {
-            "image_id": image_id,
-            "checks_digest": digest,
-            "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+    def is_verified(self, layer: str, image_id: str, digest: str) -> bool:
+        record = self.records.get(self._key(layer, image_id))
+        return bool(record) and record["checks_digest"] == digest
+
+    def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.records, indent=2))
         tmp.replace(self.path)
 
-    def forget(self, layer: str) -> None:
-        if self.records.pop(layer, None) is not None:
-            self.path.write_text(json.dumps(self.records, indent=2))
+    def record(self, layer: str, image_id: str, digest: str) -> None:
+        self.records[self._key(layer, image_id)] = {
+            "checks_digest": digest,
+            "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        self._save()
+
+    def forget(self, layer: str, image_id: str) -> None:
+        if self.records.pop(self._key(layer, image_id), None) is not None:
+            self._save()

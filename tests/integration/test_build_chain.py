@@ -11,7 +11,7 @@ import pytest
 from llm2wasm.layers import LAYERS
 from llm2wasm.pins import resolve_profile
 from llm2wasm.verify import run_checks
-from tests.conftest import HERMETIC, ROOT, hermetic_build_args, image_exists, invoke
+from tests.conftest import HERMETIC, ROOT, build_derived_image, hermetic_build_args, image_exists, invoke
 
 LAYER_NAMES = [layer.name for layer in LAYERS]
 
@@ -97,14 +97,7 @@ def test_tvm_source_moved_off_the_pinned_commit_is_caught(hermetic_chain, hermet
         f"FROM llm2wasm:web-runtime-{HERMETIC}\n"
         "RUN git -C $TVM_SOURCE_DIR -c user.name=t -c user.email=t@t.invalid commit -q --allow-empty -m moved\n"
     )
-    subprocess.run(
-        ["docker", "build", "-q", "-t", tag, "-"],
-        input=dockerfile,
-        text=True,
-        check=True,
-        capture_output=True,
-        env={"DOCKER_BUILDKIT": "1", "PATH": "/usr/local/bin:/usr/bin:/bin"},
-    )
+    build_derived_image(tag, dockerfile)
     try:
         pins = resolve_profile(HERMETIC, [f"mlc_llm_requirement={hermetic_mirror.standin_requirement()}"])
         result = run_checks(tag, "web-runtime", pins, own_only=True)

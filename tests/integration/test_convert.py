@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -198,12 +199,16 @@ def test_invoke_convert_on_the_host(selftest, tmp_path):
 
 def test_invoke_convert_output_owned_by_the_given_user(selftest, tmp_path):
     run, _ = selftest
+    model = tmp_path / "model"
+    shutil.copytree(run / "tiny-llama", model)
+    for path in [model, *model.iterdir()]:
+        os.chown(path, 12345, 12345)  # the user's own model (safetensors are written 0600)
     out = tmp_path / "bundle"
     out.mkdir()
     os.chown(out, 12345, 12345)
     job = ConvertJob(
         image=app_image(),
-        model_dir=run / "tiny-llama",
+        model_dir=model,
         output=out,
         quantization="q4f32_1",
         options=["--conv-template", "llama-2"],

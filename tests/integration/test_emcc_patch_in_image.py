@@ -14,7 +14,7 @@ from llm2wasm import docker
 from llm2wasm.emcc_patch import apply, load_patches
 from llm2wasm.pins import resolve_profile
 from llm2wasm.plan import make_plan
-from tests.conftest import HERMETIC, ROOT
+from tests.conftest import HERMETIC, ROOT, build_derived_image
 from tests.tvm_wheels import TVM_VERSIONS, helper_source
 
 RUNTIME_IMAGE = f"llm2wasm:runtime-env-{HERMETIC}"
@@ -93,14 +93,7 @@ def test_drifted_helper_stops_the_runtime_env_build(hermetic_chain):
         "RUN sed -i 's/all_libs = \\[\\]/all_libs = list()/' "
         "/opt/venv/lib/python3.11/site-packages/tvm/support/emcc.py\n"
     )
-    subprocess.run(
-        ["docker", "build", "-q", "-t", drifted, "-"],
-        input=dockerfile,
-        text=True,
-        check=True,
-        capture_output=True,
-        env={"DOCKER_BUILDKIT": "1", "PATH": "/usr/local/bin:/usr/bin:/bin"},
-    )
+    build_derived_image(drifted, dockerfile)
     step = next(s for s in make_plan(resolve_profile(HERMETIC)).steps if s.layer.name == "runtime-env")
     lines: list[str] = []
     try:

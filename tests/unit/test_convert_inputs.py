@@ -174,3 +174,15 @@ def test_output_rules(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="is a file"):
         request(model, tmp_path / "file")
+
+
+def test_unreadable_weights_are_named(tmp_path, monkeypatch):
+    import os
+
+    model = make_model(tmp_path / "model")
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: not str(path).endswith(".safetensors") and real_access(path, mode)
+    )
+    with pytest.raises(UsageError, match=r"cannot read model.safetensors in .*chmod a\+r"):
+        request(model, tmp_path / "out")

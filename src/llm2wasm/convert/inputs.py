@@ -106,6 +106,14 @@ def check_model_dir(model_dir: Path) -> dict:
             f"no weights in {model_dir}: expected *.safetensors or pytorch_model*.bin "
             "(download the full checkpoint, e.g. `huggingface-cli download REPO --local-dir DIR`)"
         )
+    unreadable = [
+        path.name for path in [model_dir / "config.json", *weight_files(model_dir)] if not os.access(path, os.R_OK)
+    ]
+    if unreadable:
+        raise UsageError(
+            f"cannot read {', '.join(unreadable)} in {model_dir}: the conversion runs as your user "
+            "(uid " + str(os.getuid()) + "); make the files readable, e.g. `chmod a+r`"
+        )
     has_tokenizer = (
         (model_dir / "tokenizer.json").is_file()
         or (model_dir / "tokenizer.model").is_file()
