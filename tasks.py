@@ -67,7 +67,7 @@ def build(
     images=None,
 ):
     """Build the layer chain; each layer is verified (testinfra) before the next is built."""
-    from llm2wasm.build import Reporter, build_plan
+    from llm2wasm.build import Reporter, build_plan, summary_table
     from llm2wasm.pins import resolve_profile
     from llm2wasm.plan import make_plan
 
@@ -81,6 +81,7 @@ def build(
         print(plan.describe())
         return
     results = build_plan(plan, Reporter(quiet=quiet), reverify=reverify, no_cache=no_cache)
+    print(summary_table(results))
     print(f"built and verified {len(results)} layer(s); final image {results[-1].tag}")
 
 

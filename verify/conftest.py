@@ -103,6 +103,47 @@ def exec_(container) -> Exec:
     return Exec(container)
 
 
+# One interpreter for the heavy imports (torch, TVM, mlc_llm take seconds each): every probe records
+# its own result or error, so each check still passes or fails on its own.
+PYTHON_PROBE = r"""
+import importlib, json, traceback
+facts = {}
+def probe(name, func):
+    try:
+        facts[name] = {"ok": True, "value": func()}
+    except BaseException:
+        facts[name] = {"ok": False, "error": traceback.format_exc(limit=3)}
+def ml_libraries():
+    import torch, transformers, peft, safetensors
+    return {"torch": torch.__version__, "cuda": torch.version.cuda}
+def tvm_and_mlc_llm():
+    import tvm, mlc_llm
+    return tvm.__version__
+def libinfo_commit():
+    import tvm
+    return dict(tvm.support.libinfo()).get("GIT_COMMIT_HASH")
+def patched_helper():
+    for name in ("tvm.support.emcc", "tvm.contrib.emcc"):
+        try:
+            module = importlib.import_module(name)
+            break
+        except ImportError:
+            continue
+    return [module.llm2wasm_runtime_lib(bc) for bc in ("wasm_runtime.bc", "tvmjs_support.bc", "webgpu_runtime.bc")]
+for name, func in [("ml_libraries", ml_libraries), ("tvm_and_mlc_llm", tvm_and_mlc_llm),
+                   ("libinfo_commit", libinfo_commit), ("patched_helper", patched_helper)]:
+    probe(name, func)
+print(json.dumps(facts))
+"""
+
+
+@pytest.fixture(scope="session")
+def python_facts(exec_) -> dict:
+    result = exec_.python(PYTHON_PROBE, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="session")
 def checked_out_ref(host):
     """The ref a clone made with `git clone --branch REF` is at: the exact tag, else the branch."""

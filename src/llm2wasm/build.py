@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,7 +81,6 @@ def build_plan(
     *,
     reverify: bool = False,
     no_cache: bool = False,
-    on_built: Callable[[LayerResult], None] | None = None,
 ) -> list[LayerResult]:
     reporter = reporter or Reporter()
     docker.ensure_engine()
@@ -134,18 +132,27 @@ def build_plan(
                 state.forget(name, image_id)
                 reporter.say(
                     f"!!! [{index}/{total}] {name}: checks FAILED ({result.summary}) in "
-                    f"{result.seconds:.1f}s; not tagged, later layers not built.\n{result.output}"
+                    f"{result.seconds:.1f}s; not tagged, later layers not built.\n{result.output}\n"
+                    f"Look inside the failed image: docker run --rm -it --entrypoint bash {image_id}"
                 )
                 raise BuildFailed(name, f"checks failed: {result.summary}", result.output)
             state.record(name, image_id, digest)
             verified = "passed"
             reporter.say(f"    {name}: checks passed ({result.summary}) in {result.seconds:.1f}s")
         docker.tag(image_id, step.tag)
-        layer_result = LayerResult(name, step.tag, image_id, build_seconds, verify_seconds, verified)
-        results.append(layer_result)
-        if on_built:
-            on_built(layer_result)
+        results.append(LayerResult(name, step.tag, image_id, build_seconds, verify_seconds, verified))
         reporter.say(
             f"<== [{index}/{total}] {name}: {step.tag} ready (build {build_seconds:.1f}s, verify {verify_seconds:.1f}s)"
         )
     return results
+
+
+def summary_table(results: list[LayerResult]) -> str:
+    lines = [f"{'layer':12} {'image':19} {'build':>8} {'verify':>8}  checks"]
+    for r in results:
+        lines.append(
+            f"{r.layer:12} {r.image_id[:19]:19} {r.build_seconds:7.1f}s {r.verify_seconds:7.1f}s  {r.verified}"
+        )
+    total = sum(r.build_seconds + r.verify_seconds for r in results)
+    lines.append(f"{'total':12} {'':19} {total:7.1f}s")
+    return "\n".join(lines)

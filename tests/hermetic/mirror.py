@@ -126,7 +126,7 @@ def wheelhouse_requirements() -> list[str]:
         pins["bitsandbytes_requirement"],
         pins["mlc_ai_requirement"],
         # build backend for `pip install` of llm2wasm itself in the app layer
-        "setuptools>=68",
+        "setuptools>=77",
     ]
 
 
