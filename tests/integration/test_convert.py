@@ -121,10 +121,11 @@ def test_other_settings_need_force(plain_conversion):
     refused = run_app(*other, mounts=mounts, env=env)
     assert refused.returncode == 2
     assert "holds a bundle converted with other settings (quantization)" in refused.stderr
-    forced = run_app(*other, "--force", mounts=mounts)
+    forced = run_app(*other, "--force", "--model-id", "tiny-f32", mounts=mounts)
     assert forced.returncode == 0, forced.stderr
     record = json.loads((work / "out" / "app-config.json").read_text())["model_list"][0]
     assert "required_features" not in record  # q4f32_1 needs no shader-f16
+    assert sorted(path.name for path in (work / "out" / "lib").iterdir()) == ["tiny-f32.wasm"]  # old one gone
 
 
 def test_resume_after_a_killed_run(selftest, tmp_path):
@@ -216,7 +217,7 @@ def test_invoke_convert_output_owned_by_the_given_user(selftest, tmp_path):
         gpu=False,
     )
     assert run_convert_job(job) == 0
-    owners = {(path.stat().st_uid, path.stat().st_gid) for path in out.rglob("*")}
+    owners = {(path.lstat().st_uid, path.lstat().st_gid) for path in out.rglob("*")}
     assert owners == {(12345, 12345)}
 
 

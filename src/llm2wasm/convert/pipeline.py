@@ -213,14 +213,24 @@ class Converter:
         log = self.ws.logs / "compile.log"
         run_logged("compile", cmd, log, cwd=tmp)
         if not wasm.is_file() or wasm.read_bytes()[:4] != b"\0asm":
-            raise UsageError(f"mlc_llm compile wrote no wasm module at {wasm}; see {log}")
+            with open(log, "a") as handle:
+                handle.write(f"llm2wasm: mlc_llm compile exited 0 but wrote no wasm module at {wasm}\n")
+            raise StepFailed("compile", log)
         return {"memory": parse_memory(log.read_text(errors="replace"))}
 
     # -- the whole run ------------------------------------------------------------------------
     def run(self) -> None:
-        r = self.request
-        r.output.mkdir(parents=True, exist_ok=True)
+        self.request.output.mkdir(parents=True, exist_ok=True)
         self.ws.prepare()
+        try:
+            self._run_steps()
+        finally:
+            # The symlink view points at paths that exist only inside the container; it is
+            # rebuilt on every run, so nothing of it is left in the user's folder.
+            shutil.rmtree(self.ws.root / "source", ignore_errors=True)
+
+    def _run_steps(self) -> None:
+        r = self.request
         names_key = key_of(r.quantization, r.conv_template, r.context_window, r.prefill_chunk_size)
         if r.adapter is not None:
             merge_key = key_of(fingerprint(r.model_dir), fingerprint(r.adapter))
@@ -295,8 +305,13 @@ def run_convert(args) -> int:
         f"llm2wasm {__version__}: {request.model_dir} -> {request.output} "
         f"({request.quantization}, template {request.conv_template}{adapter_note})"
     )
-    if request.force and request.output.exists() and not is_previous_bundle(request.output):
+    if request.force and request.output.exists():
+        # Replace what is there; of an earlier bundle keep only the finished steps (.llm2wasm/):
+        # their keys decide what is redone.
+        keep = {STATE_DIR} if is_previous_bundle(request.output) else set()
         for entry in request.output.iterdir():
+            if entry.name in keep:
+                continue
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     started = time.monotonic()
     converter = Converter(request)
