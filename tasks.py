@@ -263,10 +263,11 @@ def lint(c):
     """ruff on the code and hadolint on every Dockerfile (the workflows are checked in tests/unit)."""
     from llm2wasm.layers import LAYERS
 
-    c.run("ruff check .")
-    c.run("ruff format --check .")
+    tools = Path(sys.executable).parent  # the venv's own tools, activated or not
+    c.run(f"{sys.executable} -m ruff check .")
+    c.run(f"{sys.executable} -m ruff format --check .")
     dockerfiles = " ".join(str(layer.dockerfile.relative_to(ROOT)) for layer in LAYERS)
-    c.run(f"hadolint --config .hadolint.yaml {dockerfiles}")
+    c.run(f"{tools / 'hadolint'} --config .hadolint.yaml {dockerfiles} bench/seed-equivalent/Dockerfile")
 
 
 @task(help={"unit": "only the unit tests (no Docker engine needed)", "k": "pytest -k expression"})
