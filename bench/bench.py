@@ -99,7 +99,7 @@ def touch_conversion_code() -> None:
 
 
 def conversions(delay: float) -> dict[str, float]:
-    image = "llm2wasm:app-hermetic"
+    image = "llm2wasm-bench:app-hermetic"  # the chain this run built
     work = Path(tempfile.mkdtemp(prefix="llm2wasm-bench-"))
     user = f"{os.getuid()}:{os.getgid()}"
     base = ["docker", "run", "--rm", "--network", "none", "--user", user, "-v", f"{work}:/w"]

@@ -25,12 +25,13 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import __version__
 from ..errors import UsageError
-from .inputs import TOKENIZER_FILES, ConvertRequest, build_request, fingerprint, warn
+from .inputs import ConvertRequest, build_request, fingerprint, warn
 from .mlc import installed_names, mlc_command, parse_memory
 
 STATE_DIR = ".llm2wasm"
@@ -157,7 +158,12 @@ class Converter:
         from .merge import merge_adapter
 
         log = self.ws.logs / "merge.log"
-        merge_adapter(self.request.model_dir, self.request.adapter, tmp / "model", log)
+        try:
+            merge_adapter(self.request.model_dir, self.request.adapter, tmp / "model", log)
+        except Exception:
+            with open(log, "a") as handle:
+                traceback.print_exc(file=handle)
+            raise StepFailed("merge", log) from None
 
     def source_dir(self) -> Path:
         if self.request.adapter is not None:
@@ -329,6 +335,3 @@ def run_convert(args) -> int:
         + summary(request.output)
     )
     return 0
-
-
-__all__ = ["TOKENIZER_FILES", "Converter", "is_previous_bundle", "run_convert"]

@@ -1,0 +1,71 @@
+"""Pipeline mechanics that need no image: step keys, the workspace, failures reported with their log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llm2wasm.convert.inputs import ConvertRequest
+from llm2wasm.convert.pipeline import Converter, StepFailed, Workspace, key_of, run_logged, source_view
+
+
+def test_keys_change_with_inputs():
+    assert key_of("a", 1) == key_of("a", 1)
+    assert key_of("a", 1) != key_of("a", 2)
+
+
+def test_workspace_finish_and_done(tmp_path):
+    ws = Workspace(tmp_path)
+    ws.prepare()
+    (ws.root / "tmp-gen_config-x").mkdir()  # a killed run's partial output
+    ws.prepare()
+    assert not list(ws.root.glob("tmp-*"))
+    tmp = ws.temp_dir("gen_config")
+    (tmp / "config").mkdir()
+    ws.finish("gen_config", "k1", tmp, 1.5)
+    assert ws.done("gen_config", "k1") and not ws.done("gen_config", "k2")
+    assert json.loads(ws.state_path.read_text())["steps"]["gen_config"]["key"] == "k1"
+    assert Workspace(tmp_path).done("gen_config", "k1")  # survives a restart
+
+
+def test_failed_command_names_the_step_and_its_log(tmp_path):
+    log = tmp_path / "step.log"
+    with pytest.raises(StepFailed) as error:
+        run_logged("compile", ["sh", "-c", "echo 'Cannot find library: mlc_wasm_runtime.bc' >&2; exit 1"], log)
+    assert "step compile failed" in str(error.value) and "Cannot find library" in str(error.value)
+
+
+def test_source_view_links_every_file(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    view = source_view(model, tmp_path / "view")
+    assert (view / "config.json").is_symlink() and (view / "config.json").resolve() == model / "config.json"
+
+
+def test_merge_failure_is_a_failed_step_with_its_traceback(tmp_path):
+    model, adapter = tmp_path / "model", tmp_path / "adapter"
+    model.mkdir()
+    adapter.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    request = ConvertRequest(
+        model_dir=model,
+        quantization="q4f16_1",
+        conv_template="llama-2",
+        output=tmp_path / "out",
+        model_id="m",
+        adapter=adapter,
+    )
+    converter = Converter(request)
+    converter.ws.prepare()
+    with pytest.raises(StepFailed, match="step merge failed"):
+        converter.merge(converter.ws.temp_dir("merge"))
+    assert "Traceback" in (converter.ws.logs / "merge.log").read_text()
+
+
+def test_bundle_layout_constant():
+    from llm2wasm.convert.bundle import RESOLVE
+
+    assert RESOLVE == Path("resolve") / "main"
