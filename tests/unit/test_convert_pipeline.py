@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -63,9 +62,3 @@ def test_merge_failure_is_a_failed_step_with_its_traceback(tmp_path):
     with pytest.raises(StepFailed, match="step merge failed"):
         converter.merge(converter.ws.temp_dir("merge"))
     assert "Traceback" in (converter.ws.logs / "merge.log").read_text()
-
-
-def test_bundle_layout_constant():
-    from llm2wasm.convert.bundle import RESOLVE
-
-    assert RESOLVE == Path("resolve") / "main"
