@@ -230,19 +230,3 @@ def test_invoke_convert_bad_input_leaves_nothing(selftest, tmp_path, model_exist
     assert result.returncode == 2, result.stderr
     assert ("unknown quantization 'q9f16'" if model_exists else "has no config.json") in result.stderr
     assert not out.exists()
-
-
-def test_token_passed_by_name_only(monkeypatch, tmp_path):
-    from llm2wasm import run as run_module
-
-    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
-    monkeypatch.setattr(run_module.docker, "image_id", lambda ref: "sha256:x")
-    model = tmp_path / "m"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    cmd, _ = run_module.docker_command(
-        ConvertJob(image="img", model_dir=model, output=tmp_path / "o", quantization="q4f16_1", gpu=True)
-    )
-    assert "hf_secret_value" not in " ".join(cmd)
-    assert cmd[cmd.index("-e") + 1] == "HF_TOKEN" and "--gpus" in cmd
-    assert f"{model.resolve()}:/input/model:ro" in cmd
