@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -18,30 +19,43 @@ def cache_dir() -> Path:
     return path
 
 
-def helper_source(version: str) -> str:
-    """tvm/support/emcc.py from the apache-tvm wheel of that version, downloaded once."""
-    extracted = cache_dir() / f"emcc-{version}.py"
-    if not extracted.exists():
-        wheels = cache_dir() / version
-        subprocess.run(
+def download_wheel(version: str, dest: Path) -> Path:
+    """pip download of one apache-tvm wheel; tried twice, and pip's own words on failure."""
+    output = ""
+    for _ in range(2):
+        result = subprocess.run(
             [
                 sys.executable,
                 "-m",
                 "pip",
                 "download",
-                "--quiet",
                 "--no-deps",
                 "--only-binary=:all:",
                 "--dest",
-                str(wheels),
+                str(dest),
                 f"apache-tvm=={version}",
             ],
-            check=True,
+            capture_output=True,
+            text=True,
         )
-        wheel = next(wheels.glob("apache_tvm-*.whl"))
-        with zipfile.ZipFile(wheel) as archive:
-            extracted.write_text(archive.read(HELPER).decode())
-        wheel.unlink()
+        output = result.stdout + result.stderr
+        wheels = sorted(dest.glob(f"apache_tvm-{version}-*.whl"))
+        if result.returncode == 0 and wheels:
+            return wheels[0]
+    raise RuntimeError(f"pip download apache-tvm=={version} left no wheel in {dest}:\n{output[-3000:]}")
+
+
+def helper_source(version: str) -> str:
+    """tvm/support/emcc.py from the apache-tvm wheel of that version, downloaded once."""
+    extracted = cache_dir() / f"emcc-{version}.py"
+    if not extracted.exists():
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+            wheel = download_wheel(version, Path(tmp))
+            with zipfile.ZipFile(wheel) as archive:
+                source = archive.read(HELPER).decode()
+        partial = extracted.with_suffix(".tmp")
+        partial.write_text(source)
+        partial.replace(extracted)
     return extracted.read_text()
 
 
