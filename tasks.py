@@ -98,25 +98,15 @@ def build(
 @friendly
 def verify(c, profile="stable", layer=None, set_=None, own_only=False, repository="llm2wasm"):
     """Run the testinfra checks on built images, on demand."""
-    from llm2wasm import docker
-    from llm2wasm.layers import LAYERS, get_layer
     from llm2wasm.pins import resolve_profile
-    from llm2wasm.verify import run_checks
+    from llm2wasm.verify import verify_built
 
-    pins = resolve_profile(profile, set_ or [])
-    layers = [get_layer(layer)] if layer else list(LAYERS)
     failed = []
-    for entry in layers:
-        tag = entry.tag(profile, repository)
-        if docker.image_id(tag) is None:
-            raise UsageError(
-                f"image {tag} not found: build it first with `invoke build --profile {profile} --until {entry.name}`"
-            )
-        result = run_checks(tag, entry.name, pins, own_only=own_only)
-        print(f"{entry.name:12} {'PASS' if result.passed else 'FAIL'}  {result.summary}  ({result.seconds:.1f}s)")
+    for result in verify_built(resolve_profile(profile, set_ or []), layer, repository=repository, own_only=own_only):
+        print(f"{result.layer:12} {'PASS' if result.passed else 'FAIL'}  {result.summary}  ({result.seconds:.1f}s)")
         if not result.passed:
             print(result.output)
-            failed.append(entry.name)
+            failed.append(result.layer)
     if failed:
         raise Exit(f"checks failed for: {', '.join(failed)}", code=1)
 
@@ -282,7 +272,7 @@ def test(c, unit=False, k=None):
 @task(help={"action": "up (default), down or status"})
 def mirror(c, action="up"):
     """Start or stop the hermetic local mirror (wheelhouse, git stand-ins, Debian base image)."""
-    c.run(f"{sys.executable} tests/hermetic/mirror.py {action}")
+    c.run(f"{sys.executable} {ROOT / 'tests' / 'hermetic' / 'mirror.py'} {action}")
 
 
 ns = Collection(build, verify, convert, publish, layers, lint, test, mirror, doctor, clean)

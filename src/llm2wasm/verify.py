@@ -7,9 +7,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UsageError
 from .layers import ancestors
 from .pins import PROJECT_ROOT, Profile
 
@@ -36,6 +38,23 @@ def _summary(output: str) -> str:
 def check_modules(layer: str, own_only: bool = False) -> list[Path]:
     chain = ancestors(layer)
     return [chain[-1].check_module] if own_only else [step.check_module for step in chain]
+
+
+def verify_built(
+    profile: Profile, layer: str | None = None, *, repository: str = "llm2wasm", own_only: bool = False
+) -> Iterator[CheckResult]:
+    """Check the tagged images of a profile (one layer, or all in build order), one result each."""
+    from . import docker
+    from .layers import LAYERS, get_layer
+
+    for entry in [get_layer(layer)] if layer else list(LAYERS):
+        tag = entry.tag(profile.name, repository)
+        if docker.image_id(tag) is None:
+            raise UsageError(
+                f"image {tag} not found: build it first with "
+                f"`invoke build --profile {profile.name} --until {entry.name}`"
+            )
+        yield run_checks(tag, entry.name, profile, own_only=own_only)
 
 
 def run_checks(
