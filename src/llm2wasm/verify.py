@@ -50,9 +50,10 @@ def verify_built(
     for entry in [get_layer(layer)] if layer else list(LAYERS):
         tag = entry.tag(profile.name, repository)
         if docker.image_id(tag) is None:
+            where = "" if repository == "llm2wasm" else f" --repository {repository}"
             raise UsageError(
                 f"image {tag} not found: build it first with "
-                f"`invoke build --profile {profile.name} --until {entry.name}`"
+                f"`invoke build --profile {profile.name} --until {entry.name}{where}`"
             )
         yield run_checks(tag, entry.name, profile, own_only=own_only)
 
