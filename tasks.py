@@ -185,11 +185,12 @@ def convert(
         "to": "target repository, e.g. ghcr.io/OWNER/llm2wasm",
         "set_": SET_HELP,
         "no_push": "only tag locally",
+        "repository": "local repository of the built images (default llm2wasm)",
     },
     iterable=["set_"],
 )
 @friendly
-def publish(c, to, profile="stable", set_=None, no_push=False):
+def publish(c, to, profile="stable", set_=None, no_push=False, repository="llm2wasm"):
     """Tag the verified final image from its contents (python, mlc-llm, emsdk, commit, date) and push it."""
     import time
 
@@ -201,6 +202,7 @@ def publish(c, to, profile="stable", set_=None, no_push=False):
     refs = publish_image(
         resolve_profile(profile, set_ or []),
         to,
+        local_repository=repository,
         revision=revision,
         date=time.strftime("%Y%m%d", time.gmtime()),
         push=not no_push,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install and start what llm2wasm's integration tests need on a fresh Debian host:
 # Debian's docker.io (engine + 20.10 CLI), the buildx plugin (so any docker CLI on PATH
-# can build with BuildKit), debootstrap (hermetic base image), git and patch.
+# can build with BuildKit), debootstrap (hermetic base image), git, patch and docker-registry.
 # Idempotent: every step checks first. Needs root.
 set -euo pipefail
 
@@ -12,6 +12,8 @@ command -v dockerd >/dev/null 2>&1 || need_pkgs+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || need_pkgs+=(debootstrap)
 command -v git >/dev/null 2>&1 || need_pkgs+=(git)
 command -v patch >/dev/null 2>&1 || need_pkgs+=(patch)
+# a real image registry on 127.0.0.1 for the publish tests
+command -v docker-registry >/dev/null 2>&1 || need_pkgs+=(docker-registry)
 if ((${#need_pkgs[@]})); then
   log "apt-get install ${need_pkgs[*]}"
   apt-get update -qq
