@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -44,13 +43,6 @@ def ensure_engine() -> None:
 def image_id(ref: str) -> str | None:
     result = run(["image", "inspect", "--format", "{{.Id}}", ref], check=False)
     return result.stdout.strip() if result.returncode == 0 else None
-
-
-def inspect_image(ref: str) -> dict:
-    result = run(["image", "inspect", ref], check=False)
-    if result.returncode != 0:
-        raise UsageError(f"image {ref} not found: build it first with `invoke build`")
-    return json.loads(result.stdout)[0]
 
 
 def tag(source: str, target: str) -> None:
