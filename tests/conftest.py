@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from llm2wasm import docker
+
 ROOT = Path(__file__).resolve().parents[1]
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 HERMETIC = "hermetic"
@@ -77,7 +79,7 @@ def build_derived_image(tag: str, dockerfile: str) -> None:
 
 
 def image_exists(ref: str) -> bool:
-    return subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode == 0
+    return docker.image_id(ref) is not None
 
 
 def app_image() -> str:

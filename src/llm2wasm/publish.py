@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from dataclasses import dataclass
 
 from . import docker
+from .checks import emcc_version
 from .errors import UsageError
 from .layers import FINAL_LAYER
 from .pins import Profile
@@ -19,8 +19,8 @@ import importlib.metadata, json, platform, subprocess
 facts = {"python": platform.python_version()}
 for dist in importlib.metadata.distributions():
     name = (dist.metadata["Name"] or "").lower()
-    if name.startswith("mlc-llm") or name.startswith("mlc-ai") or name in ("apache-tvm", "torch"):
-        facts[name] = dist.version
+    if name.startswith("mlc-llm"):
+        facts["mlc_llm"] = dist.version
 out = subprocess.run(["emcc", "--version"], capture_output=True, text=True).stdout.splitlines()
 facts["emcc"] = out[0] if out else ""
 print(json.dumps(facts))
@@ -36,10 +36,7 @@ class ImageFacts:
 
 def read_facts(image: str) -> ImageFacts:
     data = json.loads(docker.run_script(image, FACTS_SCRIPT).strip().splitlines()[-1])
-    from .checks import emcc_version
-
-    mlc_llm = next((version for name, version in sorted(data.items()) if name.startswith("mlc-llm")), None)
-    return ImageFacts(python=data["python"], mlc_llm=mlc_llm, emsdk=emcc_version(data.get("emcc", "")))
+    return ImageFacts(python=data["python"], mlc_llm=data.get("mlc_llm"), emsdk=emcc_version(data.get("emcc", "")))
 
 
 def safe_tag(text: str) -> str:
@@ -82,7 +79,7 @@ def publish(
     for ref in refs:
         docker.tag(image_id, ref)
         if push:
-            result = subprocess.run([docker.docker_bin(), "push", ref], capture_output=True, text=True)
+            result = docker.run(["push", ref], check=False)
             if result.returncode != 0:
                 raise UsageError(f"docker push {ref} failed (logged in to the registry?):\n{result.stderr.strip()}")
     return refs

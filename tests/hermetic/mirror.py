@@ -32,6 +32,7 @@ ROOT = HERE.parents[1]
 STANDINS = ROOT / "tests" / "standins"
 sys.path.insert(0, str(ROOT / "src"))
 
+from llm2wasm.docker import image_id  # noqa: E402 (needs the sys.path line above)
 from llm2wasm.pins import resolve_profile  # noqa: E402 (needs the sys.path line above)
 
 WHEELHOUSE_PORT = 38471
@@ -77,12 +78,8 @@ def debian_mirror() -> str:
     raise RuntimeError("no Debian mirror configured in /etc/apt sources")
 
 
-def image_exists(ref: str) -> bool:
-    return subprocess.run(["docker", "image", "inspect", ref], capture_output=True).returncode == 0
-
-
 def ensure_base_image() -> str:
-    if image_exists(BASE_IMAGE):
+    if image_id(BASE_IMAGE) is not None:
         return BASE_IMAGE
     if shutil.which("debootstrap") is None:
         raise RuntimeError("debootstrap is not installed: run .ci/install-docker.sh (or apt-get install debootstrap)")
@@ -339,7 +336,11 @@ def main(argv: list[str]) -> int:
     elif command == "down":
         stop_servers()
     elif command == "status":
-        print(json.dumps({"base_image": image_exists(BASE_IMAGE), "serving": serving(), "cache": str(cache_dir())}))
+        print(
+            json.dumps(
+                {"base_image": image_id(BASE_IMAGE) is not None, "serving": serving(), "cache": str(cache_dir())}
+            )
+        )
     else:
         print("usage: mirror.py up | down | status", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ import urllib.request
 
 import pytest
 
+from llm2wasm import docker
 from tests.conftest import HERMETIC, app_image, build_derived_image, invoke
 
 REGISTRY_PORT = 38473
@@ -60,16 +61,9 @@ def test_publish_pushes_the_verified_image_with_tags_from_its_contents(hermetic_
     assert {HERMETIC, f"{HERMETIC}-python-3.11", f"{HERMETIC}-emsdk-3.1.56", f"{HERMETIC}-mlc-llm-{version}"} <= tags
     assert any(tag.startswith(f"{HERMETIC}-20") for tag in tags)  # the date
     # what the registry serves is the image that passed its checks
-    pushed = subprocess.run(
-        ["docker", "image", "inspect", "--format", "{{.Id}}", f"{registry}/llm2wasm:{HERMETIC}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    local = subprocess.run(
-        ["docker", "image", "inspect", "--format", "{{.Id}}", app_image()], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    assert pushed == local
+    pushed = docker.image_id(f"{registry}/llm2wasm:{HERMETIC}")
+    local = docker.image_id(app_image())
+    assert pushed is not None and pushed == local
 
 
 def test_publish_refuses_an_image_that_did_not_pass_its_checks(hermetic_chain, hermetic_mirror, registry):
