@@ -45,6 +45,14 @@ def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def remove(path: Path) -> None:
+    """Remove a file, a symlink (not what it points at) or a folder tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
 def is_previous_bundle(output: Path) -> bool:
     return (output / STATE_DIR / STATE_FILE).is_file()
 
@@ -76,7 +84,7 @@ class Workspace:
     def prepare(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         for leftover in self.root.glob("tmp-*"):  # an interrupted step's partial output
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+            remove(leftover)
         self.save()
 
     def save(self) -> None:
@@ -92,7 +100,7 @@ class Workspace:
     def finish(self, step: str, key: str, tmp: Path, seconds: float, extra: dict | None = None) -> None:
         target = self.root / step
         if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+            remove(target)
         tmp.replace(target)
         self.state["steps"][step] = {"key": key, "seconds": round(seconds, 2), **(extra or {})}
         self.save()
@@ -318,7 +326,7 @@ def run_convert(args) -> int:
         for entry in request.output.iterdir():
             if entry.name in keep:
                 continue
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            remove(entry)
     started = time.monotonic()
     converter = Converter(request)
     converter.ws.state["request"] = identity
