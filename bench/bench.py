@@ -2,10 +2,12 @@
 
 Builds (hermetic mirror): the seed as one flat Dockerfile (bench/seed-equivalent) against the
 llm2wasm layer chain with its checks, cold (no cache) and after a change to the conversion code.
-Conversions (hermetic app image, stand-in mlc_llm slowed to DELAY seconds per heavy step): weight
-conversion and compilation one after the other against at the same time, and a re-run (resume).
+Conversions (hermetic app image, real mlc_llm on apache-tvm 0.26.0, Debian's emscripten): the tiny
+Llama converted with weight conversion and compilation one after the other against at the same time,
+the library linked at emcc's -O0 instead of TVM's -O3 (EMCC_CFLAGS, emscripten's own environment
+variable), and a re-run (resume).
 
-    python bench/bench.py [--delay 5] [--skip-builds]      (needs `invoke mirror` running)
+    python bench/bench.py [--skip-builds]      (needs `invoke mirror` running)
 Results are appended to bench/results.md.
 """
 
@@ -49,9 +51,10 @@ def flat_build(no_cache: bool) -> float:
             "peft_requirement",
             "bitsandbytes_requirement",
             "mlc_ai_requirement",
+            "tvm_ffi_requirement",
         )
     )
-    requirements += " " + mirror.standin_requirement()
+    requirements += " " + mirror.mlc_llm_requirement()
     cmd = [
         "docker",
         "build",
@@ -66,9 +69,9 @@ def flat_build(no_cache: bool) -> float:
         "--build-arg",
         f"REQUIREMENTS={requirements}",
         "--build-arg",
-        f"EMSDK_REPO={pins['emsdk_repo']}",
-        "--build-arg",
         f"MLC_LLM_REPO={pins['mlc_llm_repo']}",
+        "--build-arg",
+        f"MLC_LLM_REF={pins['mlc_llm_ref']}",
         str(ROOT),
     ]
     if no_cache:
@@ -86,7 +89,7 @@ def layered_build(no_cache: bool) -> float:
         "--repository",
         "llm2wasm-bench",
         "--set",
-        f"mlc_llm_requirement={mirror.standin_requirement()}",
+        f"mlc_llm_requirement={mirror.mlc_llm_requirement()}",
     ]
     if no_cache:
         cmd += ["--no-cache", "--reverify"]
@@ -98,28 +101,31 @@ def touch_conversion_code() -> None:
     marker.write_text(f"# written by bench/bench.py at {time.time()}\n")
 
 
-def conversions(delay: float) -> dict[str, float]:
+def conversions() -> dict[str, float]:
     image = "llm2wasm-bench:app-hermetic"  # the chain this run built
     work = Path(tempfile.mkdtemp(prefix="llm2wasm-bench-"))
     user = f"{os.getuid()}:{os.getgid()}"
     base = ["docker", "run", "--rm", "--network", "none", "--user", user, "-v", f"{work}:/w"]
     timed([*base, image, "selftest", "--keep", "/w/models"])
-    args = ["convert", "/w/models/tiny-llama", "-q", "q4f16_1", "--conv-template", "llama-2"]
-    env = ["-e", f"MLC_LLM_STANDIN_DELAY={delay}"]
+    args = ["convert", "/w/models/tiny-llama", "-q", "q4f32_1", "--conv-template", "llama-2"]
     results = {
         "sequential (LLM2WASM_STEP_WORKERS=1)": timed(
-            [*base, *env, "-e", "LLM2WASM_STEP_WORKERS=1", image, *args, "-o", "/w/sequential"]
+            [*base, "-e", "LLM2WASM_STEP_WORKERS=1", image, *args, "-o", "/w/sequential"]
         ),
-        "concurrent (default)": timed([*base, *env, image, *args, "-o", "/w/concurrent"]),
-        "re-run, nothing changed": timed([*base, *env, image, *args, "-o", "/w/concurrent"]),
+        "concurrent (default)": timed([*base, image, *args, "-o", "/w/concurrent"]),
+        "concurrent, link at -O0 (EMCC_CFLAGS=-O0)": timed(
+            [*base, "-e", "EMCC_CFLAGS=-O0", image, *args, "-o", "/w/o0"]
+        ),
+        "re-run, nothing changed": timed([*base, image, *args, "-o", "/w/concurrent"]),
     }
+    sizes = {name: (work / name / "lib" / f"{name}.wasm").stat().st_size for name in ("concurrent", "o0")}
+    print(f"library size: -O3 {sizes['concurrent'] / 1e6:.1f} MB, -O0 {sizes['o0'] / 1e6:.1f} MB", file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)
     return results
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--delay", type=float, default=5.0, help="seconds per heavy stand-in step")
     parser.add_argument("--skip-builds", action="store_true")
     args = parser.parse_args()
     mirror.up()
@@ -143,9 +149,9 @@ def main() -> int:
             for name, (flat, layered) in builds.items()
         ]
         lines.append("")
-    runs = conversions(args.delay)
+    runs = conversions()
     sequential = runs["sequential (LLM2WASM_STEP_WORKERS=1)"]
-    lines += [f"| conversion (stand-in steps {args.delay:g}s) | seconds | vs sequential |", "| --- | --- | --- |"]
+    lines += ["| conversion (real mlc_llm, tiny Llama, q4f32_1) | seconds | vs sequential |", "| --- | --- | --- |"]
     lines += [f"| {name} | {seconds:.1f} | {seconds / sequential:.2f} |" for name, seconds in runs.items()]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -63,7 +63,7 @@ def hermetic_chain(hermetic_mirror):
 
 
 def hermetic_build_args(mirror) -> list[str]:
-    return ["--profile", HERMETIC, "--quiet", "--set", f"mlc_llm_requirement={mirror.standin_requirement()}"]
+    return ["--profile", HERMETIC, "--quiet", "--set", f"mlc_llm_requirement={mirror.mlc_llm_requirement()}"]
 
 
 def build_derived_image(tag: str, dockerfile: str) -> None:

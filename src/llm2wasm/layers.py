@@ -68,8 +68,13 @@ LAYERS: tuple[Layer, ...] = (
     Layer(
         "emsdk",
         "ml",
-        "pinned emsdk checkout with the pinned SDK installed and activated; emcc, node, npm on PATH",
-        {"EMSDK_REPO": "emsdk_repo", "EMSDK_REF": "emsdk_ref", "EMSDK_VERSION": "emsdk_version"},
+        "emscripten: a pinned emsdk checkout with the pinned SDK, or Debian's package; emcc, node, npm on PATH",
+        {
+            "EMSCRIPTEN_SOURCE": "emscripten_source",
+            "EMSDK_REPO": "emsdk_repo",
+            "EMSDK_REF": "emsdk_ref",
+            "EMSDK_VERSION": "emsdk_version",
+        },
     ),
     Layer(
         "web-runtime",

@@ -2,10 +2,14 @@
 
 * a Debian base image made with debootstrap and `docker import` (no registry is reachable);
 * a wheelhouse of the real Python packages (torch CPU, transformers, peft, bitsandbytes, the real
-  apache-tvm wheel) plus the stand-in mlc_llm wheel, downloaded by the host's pip and served over
-  HTTP (pip inside containers cannot verify TLS here);
-* git repositories of the stand-ins for emsdk, mlc-llm and its TVM submodule, served by
-  `git daemon`.
+  apache-tvm 0.26.0 wheel and what mlc_llm imports), downloaded by the host's pip, plus two wheels
+  made here: the real mlc_llm Python package from the patched mlc-llm checkout, and the import
+  adapter it needs without its compiled library (mlc_adapter/); served over HTTP (pip inside
+  containers cannot verify TLS here);
+* git repositories served by `git daemon`: the real mlc-llm (79d603f0, plus one compatibility
+  commit, tagged), apache/tvm v0.26.0 and apache/tvm-ffi, made from the upstream archives in
+  shared/upstream (sha256-checked) with their submodule links pointing at each other; and the
+  emsdk stand-in (tests/standins/emsdk), because emsdk's installer downloads its SDK.
 
 Everything is cached under $LLM2WASM_HERMETIC_CACHE (default ~/.cache/llm2wasm-hermetic).
 Usage: python tests/hermetic/mirror.py up | down | status
@@ -13,6 +17,7 @@ Usage: python tests/hermetic/mirror.py up | down | status
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -25,6 +30,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -40,7 +47,6 @@ GIT_PORT = 38472
 BASE_IMAGE = "llm2wasm-hermetic/debian:bookworm"
 DEBIAN_SUITE = "bookworm"
 # Git stand-ins: repository name -> (source folder, tag)
-GIT_REPOS = {"emsdk": ("emsdk", "3.1.56"), "tvm-source": ("tvm-source", None), "mlc-llm": ("mlc-llm", "v0.20.0")}
 FIXED_DATE = "2025-01-01T00:00:00+00:00"
 
 
@@ -113,7 +119,195 @@ def ensure_base_image() -> str:
     return BASE_IMAGE
 
 
-# ---------------------------------------------------------------- wheelhouse
+# ---------------------------------------------------------------- upstream sources
+@dataclass(frozen=True)
+class UpstreamArchive:
+    """One `git archive` of an upstream commit, as listed in shared/upstream/README.md."""
+
+    repo: str  # the name the git daemon serves it under
+    github: str
+    commit: str
+    file: str
+    sha256: str
+
+
+UPSTREAM = {
+    "mlc-llm": UpstreamArchive(
+        "mlc-llm",
+        "mlc-ai/mlc-llm",
+        "79d603f085f50500e9509fa01785ffa7ecfaaa93",
+        "mlc-llm-79d603f0.tar.xz",
+        "18f982f3af696f888b6b80ada1d3971bd18c640b205cbbf78587bc5b777b45c1",
+    ),
+    "tvm": UpstreamArchive(
+        "tvm",
+        "apache/tvm",
+        "c7b458e946bc4266915da582457476bdcd9705ae",
+        "tvm-v0.26.0-c7b458e9.tar.xz",
+        "bde55e95b33c87dbfe0fd9d0128dd2b1b304ba4e0490c361d7bcba998fe89b7a",
+    ),
+    "tvm-ffi": UpstreamArchive(
+        "tvm-ffi",
+        "apache/tvm-ffi",
+        "12dbf053b3d9ba4ebd9da3123b1aeca79cf74229",
+        "tvm-ffi-12dbf053.tar.xz",
+        "650be55490702560af5afc07abb08f553c1f67688f0f52f36ab3f4c1f174515b",
+    ),
+}
+# The compatibility commit on top of mlc-llm, and the tag the hermetic profile pins (mlc_llm_ref).
+COMPAT_PATCH = HERE / "mlc-llm-tvm-0.26-compat.patch"
+MLC_LLM_TAG = "79d603f0-tvm-0.26-compat"
+
+
+def upstream_dir() -> Path:
+    """shared/upstream beside the checkout (CI lays shared/ there); LLM2WASM_UPSTREAM_DIR overrides."""
+    return Path(os.environ.get("LLM2WASM_UPSTREAM_DIR", ROOT.parent / "shared" / "upstream"))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def archive_from_github(archive: UpstreamArchive, target: Path) -> None:
+    """For a machine with internet and no shared/upstream: the same commit, archived the same way.
+    Only with LLM2WASM_UPSTREAM_FROM_GITHUB=1: the test machines cannot reach GitHub."""
+    log(f"fetching {archive.github}@{archive.commit[:8]} from GitHub")
+    with tempfile.TemporaryDirectory() as tmp:
+        run(["git", "init", "--quiet", tmp])
+        run(
+            [
+                "git",
+                "-C",
+                tmp,
+                "fetch",
+                "--quiet",
+                "--depth",
+                "1",
+                f"https://github.com/{archive.github}",
+                archive.commit,
+            ]
+        )
+        with open(target, "wb") as out:
+            git_archive = subprocess.Popen(["git", "-C", tmp, "archive", archive.commit], stdout=subprocess.PIPE)
+            run(["xz", "-T0", "-c"], stdin=git_archive.stdout, stdout=out)
+            if git_archive.wait() != 0:
+                raise RuntimeError(f"git archive of {archive.github}@{archive.commit} failed")
+
+
+def checked_archive(archive: UpstreamArchive) -> Path:
+    """The archive file, its sha256 checked; a clear error when it is missing or altered."""
+    path = upstream_dir() / archive.file
+    if not path.exists() and os.environ.get("LLM2WASM_UPSTREAM_FROM_GITHUB") == "1":
+        path = cache_dir() / "upstream" / archive.file
+        path.parent.mkdir(exist_ok=True)
+        if not path.exists():
+            archive_from_github(archive, path)
+    if not path.exists():
+        raise RuntimeError(
+            f"upstream archive {archive.file} ({archive.github}@{archive.commit[:8]}) not found in {upstream_dir()}: "
+            "the hermetic mirror serves the real upstream sources from shared/upstream beside the checkout. "
+            "Set LLM2WASM_UPSTREAM_DIR to the folder that holds it, or LLM2WASM_UPSTREAM_FROM_GITHUB=1 "
+            "on a machine with internet to archive the same commit from GitHub."
+        )
+    actual = sha256_of(path)
+    if actual != archive.sha256:
+        raise RuntimeError(
+            f"upstream archive {path} has sha256 {actual}, expected {archive.sha256} "
+            f"({archive.github}@{archive.commit[:8]}): replace it with the listed file"
+        )
+    return path
+
+
+# ---------------------------------------------------------------- wheels
+def write_wheel(dest: Path, name: str, version: str, files: dict[str, bytes], requires: list[str]) -> Path:
+    """A pure-Python wheel from a mapping of archive path -> content (PEP 427), with no build backend:
+    the adapter's .pth file must sit at the top of site-packages, which setuptools does not do."""
+    dist = f"{name.replace('-', '_')}-{version}"
+    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    metadata += "".join(f"Requires-Dist: {requirement}\n" for requirement in requires)
+    members = dict(files)
+    members[f"{dist}.dist-info/METADATA"] = metadata.encode()
+    members[f"{dist}.dist-info/WHEEL"] = (
+        b"Wheel-Version: 1.0\nGenerator: llm2wasm-hermetic-mirror\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    )
+    record_lines = []
+    for member, content in members.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(content).digest()).rstrip(b"=").decode()
+        record_lines.append(f"{member},sha256={digest},{len(content)}")
+    record_lines.append(f"{dist}.dist-info/RECORD,,")
+    members[f"{dist}.dist-info/RECORD"] = ("\n".join(record_lines) + "\n").encode()
+    path = dest / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as wheel:
+        for member in sorted(members):
+            info = zipfile.ZipInfo(member, date_time=(2025, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            wheel.writestr(info, members[member], zipfile.ZIP_DEFLATED)
+    return path
+
+
+def folder_files(folder: Path, prefix: str) -> dict[str, bytes]:
+    return {
+        f"{prefix}/{path.relative_to(folder).as_posix()}": path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+
+
+def content_digest(files: dict[str, bytes]) -> str:
+    digest = hashlib.sha256()
+    for member in sorted(files):
+        digest.update(member.encode() + b"\0" + files[member])
+    return digest.hexdigest()[:10]
+
+
+# What the real mlc_llm package imports on the gen_config / convert_weight / compile path, from
+# mlc-llm's python/requirements.txt less what that path never imports (datasets, flashinfer,
+# pandas, tiktoken, uvicorn: the serving and benchmark code); psutil is imported but unlisted upstream.
+MLC_LLM_RUNTIME_REQUIREMENTS = [
+    "apache-tvm-ffi",
+    "fastapi",
+    "ml_dtypes>=0.5.1",
+    "openai",
+    "prompt_toolkit",
+    "psutil",
+    "requests",
+    "safetensors",
+    "shortuuid",
+    "torch",
+    "tqdm",
+    "transformers",
+]
+ADAPTER_NAME = "llm2wasm-hermetic-mlc-adapter"
+
+
+def adapter_files() -> dict[str, bytes]:
+    folder = HERE / "mlc_adapter"
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.suffix in {".py", ".pth"}}
+
+
+def build_local_wheels(wheelhouse: Path, mlc_llm_python: Path) -> None:
+    """The hermetic mlc_llm wheel (the patched checkout's python/mlc_llm, pure Python: no libmlc_llm)
+    and the import adapter it needs without that library."""
+    for old in [*wheelhouse.glob("mlc_llm-*.whl"), *wheelhouse.glob("llm2wasm_hermetic_mlc_adapter-*.whl")]:
+        old.unlink()
+    adapter = adapter_files()
+    adapter_version = f"1.0+{content_digest(adapter)}"
+    write_wheel(wheelhouse, ADAPTER_NAME, adapter_version, adapter, [])
+    package = folder_files(mlc_llm_python / "mlc_llm", "mlc_llm")
+    version = f"0.1.dev0+g{UPSTREAM['mlc-llm'].commit[:8]}.{content_digest(package)}"
+    write_wheel(
+        wheelhouse,
+        "mlc-llm",
+        version,
+        package,
+        [*MLC_LLM_RUNTIME_REQUIREMENTS, f"{ADAPTER_NAME}=={adapter_version}"],
+    )
+
+
 def wheelhouse_requirements() -> list[str]:
     pins = resolve_profile("hermetic")
     return [
@@ -122,83 +316,76 @@ def wheelhouse_requirements() -> list[str]:
         pins["peft_requirement"],
         pins["bitsandbytes_requirement"],
         pins["mlc_ai_requirement"],
+        pins["tvm_ffi_requirement"],
+        *MLC_LLM_RUNTIME_REQUIREMENTS,
         # build backend for `pip install` of llm2wasm itself in the app layer
         "setuptools>=77",
     ]
 
 
-def standin_wheel_digest() -> str:
-    digest = hashlib.sha256()
-    for path in sorted((STANDINS / "mlc_llm_package").rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts and ".egg-info" not in str(path):
-            digest.update(str(path.relative_to(STANDINS)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def ensure_wheelhouse() -> Path:
+def ensure_wheelhouse(mlc_llm_python: Path) -> Path:
     wheelhouse = cache_dir() / "wheelhouse"
     wheelhouse.mkdir(exist_ok=True)
     stamp = wheelhouse / ".llm2wasm-stamp.json"
-    wanted = {"requirements": wheelhouse_requirements(), "standin": standin_wheel_digest()}
-    if stamp.exists() and json.loads(stamp.read_text()) == wanted:
-        return wheelhouse
-    log("downloading the wheelhouse (torch CPU, transformers, peft, bitsandbytes, apache-tvm)")
-    # The host's own Python and platform are the containers' (Debian bookworm: CPython 3.11, x86_64).
-    run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--dest",
-            str(wheelhouse),
-            "--only-binary=:all:",
-            *wanted["requirements"],
-        ]
-    )
-    for old in wheelhouse.glob("mlc_llm_standin-*.whl"):
-        old.unlink()
-    with tempfile.TemporaryDirectory() as build:
-        shutil.copytree(STANDINS / "mlc_llm_package", Path(build) / "pkg")
-        # A local version label from the stand-in's content: a changed stand-in gets a new file name,
-        # so neither pip's HTTP cache nor a stale wheelhouse can hand out the old one.
-        pyproject = Path(build) / "pkg" / "pyproject.toml"
-        text = pyproject.read_text()
-        pyproject.write_text(
-            text.replace('version = "0.20.0.dev0"', f'version = "0.20.0.dev0+standin.{wanted["standin"][:8]}"')
-        )
+    wanted = {"requirements": wheelhouse_requirements()}
+    if not (stamp.exists() and json.loads(stamp.read_text()) == wanted):
+        log("downloading the wheelhouse (torch CPU, transformers, peft, bitsandbytes, apache-tvm, mlc_llm's needs)")
+        # The host's own Python and platform are the containers' (Debian bookworm: CPython 3.11, x86_64).
         run(
             [
                 sys.executable,
                 "-m",
                 "pip",
-                "wheel",
+                "download",
                 "--quiet",
-                "--no-deps",
-                "--wheel-dir",
+                "--dest",
                 str(wheelhouse),
-                str(Path(build) / "pkg"),
+                "--only-binary=:all:",
+                *wanted["requirements"],
             ]
         )
-    stamp.write_text(json.dumps(wanted))
+        stamp.write_text(json.dumps(wanted))
+    build_local_wheels(wheelhouse, mlc_llm_python)
     return wheelhouse
 
 
-# ---------------------------------------------------------------- git stand-ins
+def mlc_llm_requirement() -> str:
+    """The exact hermetic mlc_llm requirement. Docker caches `pip install` by its command line, not
+    by what the wheelhouse holds, so the tests pass this as a pin: a changed patch rebuilds ml."""
+    wheel = next((cache_dir() / "wheelhouse").glob("mlc_llm-*.whl"))
+    return "mlc-llm==" + wheel.name.split("-")[1]
+
+
+def tvm_ffi_dlpack_header(wheelhouse: Path) -> bytes:
+    """dlpack.h as the apache-tvm-ffi wheel ships it: tvm-ffi's own 3rdparty/dlpack submodule
+    (dmlc/dlpack) is not among the archives, and the web runtime needs only this header."""
+    wheel = next(wheelhouse.glob("apache_tvm_ffi-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        return archive.read("tvm_ffi/3rdparty/dlpack/include/dlpack/dlpack.h")
+
+
+# ---------------------------------------------------------------- git repositories
 def git(*args: str, cwd: Path) -> str:
     env = dict(
         os.environ,
         GIT_AUTHOR_DATE=FIXED_DATE,
         GIT_COMMITTER_DATE=FIXED_DATE,
-        GIT_AUTHOR_NAME="llm2wasm stand-in",
-        GIT_AUTHOR_EMAIL="standin@llm2wasm.invalid",
-        GIT_COMMITTER_NAME="llm2wasm stand-in",
-        GIT_COMMITTER_EMAIL="standin@llm2wasm.invalid",
+        GIT_AUTHOR_NAME="llm2wasm hermetic mirror",
+        GIT_AUTHOR_EMAIL="mirror@llm2wasm.invalid",
+        GIT_COMMITTER_NAME="llm2wasm hermetic mirror",
+        GIT_COMMITTER_EMAIL="mirror@llm2wasm.invalid",
     )
     return subprocess.run(
-        ["git", "-c", "protocol.file.allow=always", "-c", "init.defaultBranch=main", *args],
+        [
+            "git",
+            "-c",
+            "protocol.file.allow=always",
+            "-c",
+            "init.defaultBranch=main",
+            "-c",
+            "core.autocrlf=false",
+            *args,
+        ],
         cwd=cwd,
         env=env,
         check=True,
@@ -207,35 +394,133 @@ def git(*args: str, cwd: Path) -> str:
     ).stdout.strip()
 
 
-def standin_requirement() -> str:
-    """The exact stand-in mlc_llm requirement. Docker caches `pip install` by its command line, not
-    by what the wheelhouse holds, so the tests pass this as a pin: a changed stand-in rebuilds ml."""
-    wheel = next((cache_dir() / "wheelhouse").glob("mlc_llm_standin-*.whl"))
-    return "mlc-llm-standin==" + wheel.name.split("-")[1]
+def add_gitlink(work: Path, path: str, commit: str, url: str) -> None:
+    """Point submodule `path` at `commit` of the mirror's own repository `url` (relative: resolved
+    against the superproject's remote, git://127.0.0.1:PORT/NAME). Upstream's .gitmodules entry
+    for the path keeps its name; only its url changes."""
+    folder = work / path
+    if folder.exists():
+        shutil.rmtree(folder)  # git archive leaves an empty folder where a submodule was
+    git("update-index", "--add", "--cacheinfo", f"160000,{commit},{path}", cwd=work)
+    section = f"submodule.{path}"
+    modules = work / ".gitmodules"
+    if modules.exists():
+        listing = subprocess.run(
+            ["git", "config", "-f", str(modules), "--get-regexp", r"^submodule\..*\.path$"],
+            capture_output=True,
+            text=True,
+        ).stdout.splitlines()
+        for line in listing:
+            key, _, value = line.partition(" ")
+            if value == path:
+                section = key[: -len(".path")]
+    git("config", "-f", ".gitmodules", f"{section}.path", path, cwd=work)
+    git("config", "-f", ".gitmodules", f"{section}.url", url, cwd=work)
 
 
-def ensure_git_repos() -> Path:
-    """(Re)create the bare repositories from tests/standins; cheap, so always fresh."""
+def upstream_repo(tmp: Path, archive: UpstreamArchive, submodules: dict[str, tuple[str, str]]) -> str:
+    """A bare repository `base/NAME.git` whose main is the archive's tree, with `submodules`
+    (path -> (mirror repository, commit)) as gitlinks. Returns its commit."""
+    work = tmp / archive.repo
+    work.mkdir()
+    run(["tar", "-C", str(work), "-xJf", str(checked_archive(archive))])
+    git("init", "--quiet", cwd=work)
+    git("add", "-A", "-f", cwd=work)
+    for path, (repo, commit) in submodules.items():
+        add_gitlink(work, path, commit, f"../{repo}")
+    git("add", ".gitmodules", cwd=work)
+    git(
+        "commit",
+        "--quiet",
+        "-m",
+        f"{archive.github} {archive.commit[:8]} (git archive), submodules from the llm2wasm hermetic mirror\n\n"
+        f"Upstream-Commit: {archive.commit}",
+        cwd=work,
+    )
+    return git("rev-parse", "HEAD", cwd=work)
+
+
+def publish_bare(work: Path, base: Path, name: str) -> None:
+    git("clone", "--quiet", "--bare", str(work), str(base / f"{name}.git"), cwd=work.parent)
+
+
+def ensure_git_repos(wheelhouse: Path) -> Path:
+    """The repositories the hermetic build clones: the real mlc-llm, apache/tvm and apache/tvm-ffi
+    (with the compatibility commit and tag on mlc-llm), dlpack's header, and the emsdk stand-in
+    (emsdk's installer downloads its SDK, which cannot run here). Rebuilt when an input changed."""
     base = cache_dir() / "git"
+    stamp_path = cache_dir() / "git.stamp.json"
+    emsdk_files = folder_files(STANDINS / "emsdk", "emsdk")
+    stamp = {
+        "archives": {name: a.sha256 for name, a in UPSTREAM.items()},
+        "patch": hashlib.sha256(COMPAT_PATCH.read_bytes()).hexdigest(),
+        "emsdk-standin": content_digest(emsdk_files),
+        "layout": 2,
+    }
+    if base.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
+        return base
+    for archive in UPSTREAM.values():
+        checked_archive(archive)  # fail before any work when one is missing
     if base.exists():
         shutil.rmtree(base)
     base.mkdir()
-    with tempfile.TemporaryDirectory(prefix="llm2wasm-git-") as tmp:
-        for name in ("emsdk", "tvm-source", "mlc-llm"):
-            folder, tag = GIT_REPOS[name]
-            work = Path(tmp) / name
-            shutil.copytree(STANDINS / folder, work, ignore=shutil.ignore_patterns("__pycache__"))
-            git("init", "--quiet", cwd=work)
-            if name == "mlc-llm":
-                # A relative URL resolves against the superproject's remote: git://HOST:PORT/tvm-source.
-                git("submodule", "add", "--quiet", str(base / "tvm-source.git"), "3rdparty/tvm", cwd=work)
-                git("config", "-f", ".gitmodules", "submodule.3rdparty/tvm.url", "../tvm-source", cwd=work)
-            git("add", "-A", cwd=work)
-            git("commit", "--quiet", "-m", f"stand-in for {name}", cwd=work)
-            if tag:
-                git("tag", "-a", tag, "-m", f"stand-in tag {tag}", cwd=work)
-            git("clone", "--quiet", "--bare", str(work), str(base / f"{name}.git"), cwd=Path(tmp))
+    log("building the mirror's git repositories from the upstream archives (mlc-llm, tvm, tvm-ffi)")
+    with tempfile.TemporaryDirectory(prefix="llm2wasm-git-") as tmp_name:
+        tmp = Path(tmp_name)
+        dlpack = tmp / "dlpack"
+        (dlpack / "include" / "dlpack").mkdir(parents=True)
+        (dlpack / "include" / "dlpack" / "dlpack.h").write_bytes(tvm_ffi_dlpack_header(wheelhouse))
+        git("init", "--quiet", cwd=dlpack)
+        git("add", "-A", cwd=dlpack)
+        git("commit", "--quiet", "-m", "dlpack.h as shipped in the apache-tvm-ffi wheel", cwd=dlpack)
+        dlpack_commit = git("rev-parse", "HEAD", cwd=dlpack)
+        publish_bare(dlpack, base, "dlpack")
+
+        ffi_commit = upstream_repo(tmp, UPSTREAM["tvm-ffi"], {"3rdparty/dlpack": ("dlpack", dlpack_commit)})
+        publish_bare(tmp / "tvm-ffi", base, "tvm-ffi")
+        tvm_commit = upstream_repo(tmp, UPSTREAM["tvm"], {"3rdparty/tvm-ffi": ("tvm-ffi", ffi_commit)})
+        publish_bare(tmp / "tvm", base, "tvm")
+        upstream_repo(tmp, UPSTREAM["mlc-llm"], {"3rdparty/tvm": ("tvm", tvm_commit)})
+        mlc = tmp / "mlc-llm"
+        # --index: the patch goes straight to the index (an `add -A` would drop the gitlinks,
+        # whose folders are empty in this work tree)
+        git("apply", "--index", str(COMPAT_PATCH), cwd=mlc)
+        git(
+            "commit",
+            "--quiet",
+            "-m",
+            "llm2wasm hermetic: mlc-llm on apache-tvm 0.26.0\n\nApplies tests/hermetic/mlc-llm-tvm-0.26-compat.patch.",
+            cwd=mlc,
+        )
+        git("tag", "-a", MLC_LLM_TAG, "-m", "mlc-llm 79d603f0 + compatibility with apache-tvm 0.26.0", cwd=mlc)
+        publish_bare(mlc, base, "mlc-llm")
+
+        emsdk = tmp / "emsdk"
+        shutil.copytree(STANDINS / "emsdk", emsdk, ignore=shutil.ignore_patterns("__pycache__"))
+        git("init", "--quiet", cwd=emsdk)
+        git("add", "-A", cwd=emsdk)
+        git("commit", "--quiet", "-m", "stand-in for emscripten-core/emsdk", cwd=emsdk)
+        git("tag", "-a", "3.1.56", "-m", "stand-in tag 3.1.56", cwd=emsdk)
+        publish_bare(emsdk, base, "emsdk")
+    stamp_path.write_text(json.dumps(stamp))
     return base
+
+
+def patched_mlc_llm_python() -> Path:
+    """python/ of the tagged mlc-llm commit (what the hermetic mlc_llm wheel is made from)."""
+    target = cache_dir() / "mlc-llm-python"
+    stamp = cache_dir() / "mlc-llm-python.stamp"
+    wanted = UPSTREAM["mlc-llm"].sha256 + hashlib.sha256(COMPAT_PATCH.read_bytes()).hexdigest()
+    if target.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return target
+    if target.exists():
+        shutil.rmtree(target)
+    with tempfile.TemporaryDirectory(prefix="llm2wasm-mlc-") as tmp:
+        run(["tar", "-C", tmp, "-xJf", str(checked_archive(UPSTREAM["mlc-llm"])), "python"])
+        subprocess.run(["git", "apply", str(COMPAT_PATCH)], cwd=tmp, check=True, capture_output=True)
+        shutil.copytree(Path(tmp) / "python", target)
+    stamp.write_text(wanted)
+    return target
 
 
 # ---------------------------------------------------------------- servers
@@ -320,8 +605,8 @@ def stop_servers() -> None:
 def up() -> bool:
     """Make sure everything is ready and served. True when this call started the servers."""
     ensure_base_image()
-    wheelhouse = ensure_wheelhouse()
-    git_base = ensure_git_repos()
+    wheelhouse = ensure_wheelhouse(patched_mlc_llm_python())
+    git_base = ensure_git_repos(wheelhouse)
     if serving():
         return False
     start_servers(wheelhouse, git_base)

@@ -3,6 +3,7 @@ at the first layer whose checks fail."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -50,7 +51,8 @@ BREAKAGES = {
     ),
     "wrong-version": (
         "emsdk",
-        "RUN echo '\"3.1.99\"' > /opt/emsdk/upstream/emscripten/emscripten-version.txt",
+        # the hermetic profile's emscripten is Debian's package
+        "RUN echo '\"3.1.99\"' > /usr/share/emscripten/emscripten-version.txt",
         "test_emcc_is_the_pinned_version",
     ),
     "env-path-with-spaces": ("python", "ENV PATH = /opt/venv/bin:$PATH", "test_no_malformed_env_in_metadata"),
@@ -99,12 +101,45 @@ def test_tvm_source_moved_off_the_pinned_commit_is_caught(hermetic_chain, hermet
     )
     build_derived_image(tag, dockerfile)
     try:
-        pins = resolve_profile(HERMETIC, [f"mlc_llm_requirement={hermetic_mirror.standin_requirement()}"])
+        pins = resolve_profile(HERMETIC, [f"mlc_llm_requirement={hermetic_mirror.mlc_llm_requirement()}"])
         result = run_checks(tag, "web-runtime", pins, own_only=True)
         assert not result.passed
         assert "FAILED verify/test_web_runtime.py::test_tvm_source_is_the_submodule_mlc_llm_pins" in result.output
     finally:
         subprocess.run(["docker", "image", "rm", tag], capture_output=True)
+
+
+def test_emsdk_source_layer_builds_and_passes_its_checks(hermetic_chain, hermetic_mirror):
+    """The emsdk path of the emsdk layer (what stable, nightly and cpu use), against the emsdk stand-in:
+    emsdk's installer downloads its SDK, which cannot be had here. Built on the verified ml layer."""
+    repository = "llm2wasm-emsdk-source"
+    result = invoke(
+        "build",
+        *hermetic_build_args(hermetic_mirror),
+        "--until",
+        "emsdk",
+        "--repository",
+        repository,
+        "--set",
+        "emscripten_source=emsdk",
+        "--set",
+        "emsdk_version=3.1.56",
+    )
+    try:
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        assert image_exists(f"{repository}:emsdk-{HERMETIC}")
+        inspected = subprocess.run(
+            ["docker", "image", "inspect", "--format", "{{json .Config.Labels}}", f"{repository}:emsdk-{HERMETIC}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        labels = json.loads(inspected.stdout)
+        assert labels["io.llm2wasm.emscripten.source"] == "emsdk" and labels["io.llm2wasm.emsdk.ref"] == "3.1.56"
+    finally:
+        for name in LAYER_NAMES:
+            subprocess.run(["docker", "image", "rm", f"{repository}:{name}-{HERMETIC}"], capture_output=True)
 
 
 def test_stable_dry_run_prints_the_real_upstream_plan():

@@ -51,14 +51,14 @@ def registry_tags(registry: str, name: str) -> list[str]:
 
 
 def test_publish_pushes_the_verified_image_with_tags_from_its_contents(hermetic_chain, hermetic_mirror, registry):
-    standin = hermetic_mirror.standin_requirement()
+    mlc_llm = hermetic_mirror.mlc_llm_requirement()
     result = invoke(
-        "publish", "--profile", HERMETIC, "--to", f"{registry}/llm2wasm", "--set", f"mlc_llm_requirement={standin}"
+        "publish", "--profile", HERMETIC, "--to", f"{registry}/llm2wasm", "--set", f"mlc_llm_requirement={mlc_llm}"
     )
     assert result.returncode == 0, result.stdout + result.stderr
     tags = set(registry_tags(registry, "llm2wasm"))
-    version = standin.split("==")[1].replace("+", "-")
-    assert {HERMETIC, f"{HERMETIC}-python-3.11", f"{HERMETIC}-emsdk-3.1.56", f"{HERMETIC}-mlc-llm-{version}"} <= tags
+    version = mlc_llm.split("==")[1].replace("+", "-")
+    assert {HERMETIC, f"{HERMETIC}-python-3.11", f"{HERMETIC}-emsdk-3.1.6", f"{HERMETIC}-mlc-llm-{version}"} <= tags
     assert any(tag.startswith(f"{HERMETIC}-20") for tag in tags)  # the date
     # what the registry serves is the image that passed its checks
     pushed = docker.image_id(f"{registry}/llm2wasm:{HERMETIC}")
@@ -79,7 +79,7 @@ def test_publish_refuses_an_image_that_did_not_pass_its_checks(hermetic_chain, h
             "--repository",
             "llm2wasm-unverified",
             "--set",
-            f"mlc_llm_requirement={hermetic_mirror.standin_requirement()}",
+            f"mlc_llm_requirement={hermetic_mirror.mlc_llm_requirement()}",
         )
         assert result.returncode == 2
         assert "has not passed its checks" in result.stderr and "invoke build --profile hermetic" in result.stderr

@@ -67,7 +67,7 @@ def test_model_record_fields():
     assert record["model"] == "https://cdn.example/b/model/"
     assert record["model_id"] == "tiny-q4f16_1"
     assert record["model_lib"] == "https://cdn.example/b/lib/tiny-q4f16_1.wasm"
-    assert record["overrides"] == {"prefill_chunk_size": 1024}
+    assert "overrides" not in record  # prefill_chunk_size is compile-time: not a WebLLM ChatOptions field
     assert record["required_features"] == ["shader-f16"]
     assert record["vram_required_MB"] == 1329.6 and record["low_resource_required"] is True
 
@@ -81,3 +81,10 @@ def test_readme_explains_the_resolve_main_rule():
     text = bundle_readme(req(), Path("model/resolve/main"))
     assert "appends `resolve/main/`" in text and "shader-f16" in text
     assert "python3 -m http.server 8000" in text and "CreateMLCEngine" in text
+
+
+def test_record_overrides_carry_only_webllm_chat_options():
+    request = req(prefill_chunk_size=1024, context_window=2048)
+    assert request.overrides() == {"context_window_size": 2048, "prefill_chunk_size": 1024}  # for mlc_llm compile
+    record = model_record(request, {"context_window_size": 2048}, {})
+    assert record["overrides"] == {"context_window_size": 2048}

@@ -38,7 +38,7 @@ def model_record(request: ConvertRequest, chat_config: dict, memory: dict) -> di
         "model_id": request.model_id,
         "model_lib": f"{base}lib/{request.model_id}.wasm",
     }
-    overrides = request.overrides()
+    overrides = request.chat_overrides()
     if overrides:
         record["overrides"] = overrides
     vram = vram_required_mb(memory, int(chat_config.get("context_window_size") or 4096))

@@ -57,12 +57,23 @@ class ConvertRequest:
         return "f16" in self.quantization
 
     def overrides(self) -> dict[str, int]:
+        """Compile-time overrides for `mlc_llm compile --overrides`."""
         values = {}
         if self.context_window:
             values["context_window_size"] = self.context_window
         if self.prefill_chunk_size:
             values["prefill_chunk_size"] = self.prefill_chunk_size
         return values
+
+    def chat_overrides(self) -> dict[str, int]:
+        """Overrides for WebLLM's ModelRecord: only ChatOptions fields (web-llm src/config.ts
+        ChatConfig). prefill_chunk_size is a compile-time setting that WebLLM's types do not admit;
+        it is baked into the library and the bundle's mlc-chat-config.json."""
+        return {key: value for key, value in self.overrides().items() if key in CHAT_OPTION_OVERRIDES}
+
+
+# The compile-time overrides that are also WebLLM ChatOptions fields.
+CHAT_OPTION_OVERRIDES = ("context_window_size", "sliding_window_size", "attention_sink_size")
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -150,7 +150,7 @@ class Converter:
             self.timings[name] = "kept"
             return
         say(f"→ {name} …")
-        started = time.monotonic()
+        started, started_at = time.monotonic(), time.time()
         tmp = self.ws.temp_dir(name)
         try:
             extra = action(tmp) or {}
@@ -158,6 +158,8 @@ class Converter:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         seconds = time.monotonic() - started
+        # wall-clock start and end, so a reader can see which steps ran side by side
+        extra = {"started": round(started_at, 3), "finished": round(time.time(), 3), **extra}
         self.ws.finish(name, key, tmp, seconds, extra)
         self.timings[name] = f"{seconds:.1f}s"
         say(f"✓ {name} done in {seconds:.1f}s")
