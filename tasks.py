@@ -181,6 +181,25 @@ def convert(
 
 @task(
     help={
+        "bundle": "a bundle made by `invoke convert` (its output folder)",
+        "port": "port on this machine (default 8000)",
+        "host": "address on this machine to publish the port on (default 127.0.0.1)",
+        "profile": "which built image to use (default stable)",
+        "image": "run this image instead of llm2wasm:app-PROFILE",
+    }
+)
+@friendly
+def preview(c, bundle, port=8000, host="127.0.0.1", profile="stable", image=None):
+    """Serve a bundle with a chat page that runs it in WebLLM (in the built image); open the printed URL."""
+    from llm2wasm.layers import FINAL_LAYER, get_layer
+    from llm2wasm.run import PreviewJob, run_preview_job
+
+    job = PreviewJob(image=image or get_layer(FINAL_LAYER).tag(profile), bundle=Path(bundle), port=int(port), host=host)
+    sys.exit(run_preview_job(job))
+
+
+@task(
+    help={
         "profile": PROFILE_HELP,
         "to": "target repository, e.g. ghcr.io/OWNER/llm2wasm",
         "set_": SET_HELP,
@@ -273,8 +292,8 @@ def test(c, unit=False, k=None):
 
 @task(help={"action": "up (default), down or status"})
 def mirror(c, action="up"):
-    """Start or stop the hermetic local mirror (wheelhouse, git stand-ins, Debian base image)."""
+    """Start or stop the hermetic local mirror (wheelhouse, git repositories, Debian base image)."""
     c.run(f"{sys.executable} {ROOT / 'tests' / 'hermetic' / 'mirror.py'} {action}")
 
 
-ns = Collection(build, verify, convert, publish, layers, lint, test, mirror, doctor, clean)
+ns = Collection(build, verify, convert, preview, publish, layers, lint, test, mirror, doctor, clean)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install and start what llm2wasm's integration tests need on a fresh Debian host:
 # Debian's docker.io (engine + 20.10 CLI), the buildx plugin (so any docker CLI on PATH
-# can build with BuildKit), debootstrap (hermetic base image), git, patch and docker-registry.
+# can build with BuildKit), debootstrap (hermetic base image), git, patch, docker-registry,
+# chromium (browser test) and npm (the mirror packs WebLLM).
 # Idempotent: every step checks first. Needs root.
 set -euo pipefail
 
@@ -14,6 +15,11 @@ command -v git >/dev/null 2>&1 || need_pkgs+=(git)
 command -v patch >/dev/null 2>&1 || need_pkgs+=(patch)
 # a real image registry on 127.0.0.1 for the publish tests
 command -v docker-registry >/dev/null 2>&1 || need_pkgs+=(docker-registry)
+# Debian's Chromium for the browser test (WebGPU on the CPU via SwiftShader); Playwright drives it
+# with executable_path and never downloads a browser of its own
+[[ -x /usr/bin/chromium ]] || need_pkgs+=(chromium)
+# npm packs the pinned @mlc-ai/web-llm for the hermetic mirror
+command -v npm >/dev/null 2>&1 || need_pkgs+=(npm)
 if ((${#need_pkgs[@]})); then
   log "apt-get install ${need_pkgs[*]}"
   apt-get update -qq

@@ -1,4 +1,4 @@
-"""The `llm2wasm` command inside the image: convert, selftest."""
+"""The `llm2wasm` command inside the image: convert, selftest, preview."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_convert_arguments(sub.add_parser("convert", help="convert a model folder into a WebLLM bundle"))
     add_selftest_arguments(sub.add_parser("selftest", help="convert a tiny random Llama + LoRA end to end"))
+    from .preview.server import add_preview_arguments
+
+    add_preview_arguments(sub.add_parser("preview", help="serve a bundle with a chat page that runs it in WebLLM"))
     return parser
 
 

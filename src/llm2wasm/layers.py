@@ -91,8 +91,14 @@ LAYERS: tuple[Layer, ...] = (
     Layer(
         "app",
         "runtime-env",
-        "the llm2wasm conversion command, run as an unprivileged user",
-        {"PIP_OPTIONS": "pip_options"},
+        "the llm2wasm command (convert, selftest, preview) with the WGSL validator and the pinned WebLLM",
+        {
+            "PIP_OPTIONS": "pip_options",
+            "WGSL_VALIDATOR_REQUIREMENT": "wgsl_validator_requirement",
+            "NPM_REGISTRY": "npm_registry",
+            "WEBLLM_VERSION": "webllm_version",
+            "WEBLLM_INTEGRITY": "webllm_integrity",
+        },
     ),
 )
 

@@ -90,3 +90,53 @@ def run_convert_job(job: ConvertJob) -> int:
         # bad input: the container wrote nothing, so leave nothing behind either
         shutil.rmtree(job.output, ignore_errors=True)
     return status
+
+
+@dataclass
+class PreviewJob:
+    image: str
+    bundle: Path
+    port: int = 8000
+    host: str = "127.0.0.1"  # where the port is published on this machine
+
+
+def preview_command(job: PreviewJob) -> list[str]:
+    """`llm2wasm preview` in the image, the bundle read-only, the port published on HOST only."""
+    bundle = job.bundle.resolve()
+    if not (bundle / "app-config.json").is_file():
+        raise UsageError(f"{bundle / 'app-config.json'} not found: {bundle} is not a bundle made by `invoke convert`")
+    if docker.image_id(job.image) is None:
+        raise UsageError(f"image {job.image} not found: build it with `invoke build` (or pass --image)")
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((job.host, job.port))
+        except OSError:
+            raise UsageError(
+                f"port {job.port} on {job.host} is in use: pass another with --port (e.g. --port {job.port + 1}), "
+                "or stop what is listening there"
+            ) from None
+    return [
+        docker.docker_bin(),
+        "run",
+        "--rm",
+        "--init",  # Ctrl-C stops the server
+        "-p",
+        f"{job.host}:{job.port}:8000",
+        "-v",
+        f"{bundle}:/bundle:ro",
+        job.image,
+        "preview",
+        "/bundle",
+        "--host",
+        "0.0.0.0",  # inside the container; published on job.host only
+        "--port",
+        "8000",
+        "--public-url",
+        f"http://{job.host}:{job.port}/",
+    ]
+
+
+def run_preview_job(job: PreviewJob) -> int:
+    return subprocess.run(preview_command(job)).returncode

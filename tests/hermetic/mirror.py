@@ -317,6 +317,7 @@ def wheelhouse_requirements() -> list[str]:
         pins["bitsandbytes_requirement"],
         pins["mlc_ai_requirement"],
         pins["tvm_ffi_requirement"],
+        pins["wgsl_validator_requirement"],
         *MLC_LLM_RUNTIME_REQUIREMENTS,
         # build backend for `pip install` of llm2wasm itself in the app layer
         "setuptools>=77",
@@ -346,7 +347,28 @@ def ensure_wheelhouse(mlc_llm_python: Path) -> Path:
         )
         stamp.write_text(json.dumps(wanted))
     build_local_wheels(wheelhouse, mlc_llm_python)
+    ensure_webllm(wheelhouse)
     return wheelhouse
+
+
+def ensure_webllm(wheelhouse: Path) -> Path:
+    """The pinned @mlc-ai/web-llm tarball, packed from the npm registry by the host's npm and served
+    at the registry's own path (NPM_REGISTRY/@mlc-ai/web-llm/-/web-llm-VERSION.tgz)."""
+    version = resolve_profile("hermetic")["webllm_version"]
+    target = wheelhouse / "npm" / "@mlc-ai" / "web-llm" / "-" / f"web-llm-{version}.tgz"
+    if target.exists():
+        return target
+    if shutil.which("npm") is None:
+        raise RuntimeError("npm is not installed: the mirror packs @mlc-ai/web-llm with it (apt-get install npm)")
+    log(f"packing @mlc-ai/web-llm@{version} from the npm registry")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        run(
+            ["npm", "pack", "--silent", f"@mlc-ai/web-llm@{version}", "--pack-destination", tmp],
+            stdout=subprocess.DEVNULL,
+        )
+        shutil.move(str(next(Path(tmp).glob("*.tgz"))), target)
+    return target
 
 
 def mlc_llm_requirement() -> str:

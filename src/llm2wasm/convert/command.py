@@ -17,6 +17,11 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-window", type=int, help="context window size")
     parser.add_argument("--base-url", help="absolute URL the bundle will be served from (WebLLM needs absolute URLs)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing, different OUT")
+    parser.add_argument(
+        "--no-wgsl-repair",
+        action="store_true",
+        help="fail on TVM's read_write buffer defect instead of declaring never-written buffers read-only",
+    )
     parser.add_argument("--output", "-o", required=True, metavar="OUT", help="output folder for the bundle")
     parser.set_defaults(run=_run_convert)
 

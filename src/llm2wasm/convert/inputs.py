@@ -50,6 +50,8 @@ class ConvertRequest:
     context_window: int | None = None
     base_url: str = "http://localhost:8000/"
     force: bool = False
+    # declare never-written buffers read-only where the WGSL check finds TVM's read_write defect
+    repair_wgsl: bool = True
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -291,6 +293,7 @@ def build_request(args, names: MlcNames, previous_bundle) -> ConvertRequest:
         context_window=args.context_window,
         base_url=base_url,
         force=args.force,
+        repair_wgsl=not getattr(args, "no_wgsl_repair", False),
         warnings=warnings,
     )
 

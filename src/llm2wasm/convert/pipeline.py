@@ -32,7 +32,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import UsageError
 from .inputs import ConvertRequest, build_request, fingerprint, warn
-from .mlc import installed_names, mlc_command, parse_memory
+from .mlc import installed_names, mlc_command, parse_memory, python_executable
 
 STATE_DIR = ".llm2wasm"
 STATE_FILE = "state.json"
@@ -232,7 +232,30 @@ class Converter:
             with open(log, "a") as handle:
                 handle.write(f"llm2wasm: mlc_llm compile exited 0 but wrote no wasm module at {wasm}\n")
             raise StepFailed("compile", log)
-        return {"memory": parse_memory(log.read_text(errors="replace"))}
+        return {"memory": parse_memory(log.read_text(errors="replace")), "wgsl": self.check_wgsl(tmp, wasm)}
+
+    def check_wgsl(self, tmp: Path, wasm: Path) -> dict:
+        """Every WGSL kernel through Tint (Chrome's rules) before the library may leave; TVM's
+        read_write defect repaired where found (llm2wasm.convert.wgsl). The library as compiled is
+        kept beside it when a repair was made, for inspection."""
+        original = tmp / f"{wasm.stem}.as-compiled.wasm"
+        shutil.copyfile(wasm, original)
+        report = tmp / "wgsl-check.json"
+        cmd = [python_executable(), "-m", "llm2wasm.convert.wgsl", str(wasm), "--report", str(report)]
+        if not self.request.repair_wgsl:
+            cmd.append("--no-repair")
+        log = self.ws.logs / "wgsl-check.log"
+        try:
+            run_logged("WGSL check", cmd, log)
+        except StepFailed:
+            raise StepFailed("compile (WGSL check: a kernel the browser would reject)", log) from None
+        result = json.loads(report.read_text())
+        report.unlink()
+        if not result["repaired"]:
+            original.unlink()
+        else:
+            say(f"  WGSL: {len(result['repaired'])} kernel(s) repaired (never-written buffers read-only); see {log}")
+        return result
 
     # -- the whole run ------------------------------------------------------------------------
     def run(self) -> None:
@@ -261,7 +284,7 @@ class Converter:
         config_key = key_of(source_key, names_key)
         self.step("gen_config", config_key, self.gen_config)
         weights_key = key_of(source_key, r.quantization)
-        compile_key = key_of(config_key, r.model_id, r.overrides())
+        compile_key = key_of(config_key, r.model_id, r.overrides(), r.repair_wgsl)
         # Both need only the generated config: run them at the same time.
         # LLM2WASM_STEP_WORKERS=1 runs them one after the other (for comparison, bench/bench.py).
         with ThreadPoolExecutor(max_workers=int(os.environ.get("LLM2WASM_STEP_WORKERS", "2"))) as pool:

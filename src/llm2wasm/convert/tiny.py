@@ -66,3 +66,51 @@ def logits(model, ids):
 
     with torch.no_grad():
         return model(torch.tensor([ids])).logits.float()
+
+
+BROWSER_CHECK_PROMPT = "hello world the model runs in"
+
+
+def greedy_reference(model_dir: Path, prompt: str, steps: int) -> dict:
+    """transformers' greedy continuation of `prompt` on the CPU, with the margin by which each chosen
+    token beat the runner-up (the smallest margin says how safe an id-for-id comparison is)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    generated, margins = [], []
+    sequence = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            scores = model(torch.tensor([sequence])).logits[0, -1].float()
+            top = torch.topk(scores, 2)
+            generated.append(int(top.indices[0]))
+            margins.append(float(top.values[0] - top.values[1]))
+            sequence.append(generated[-1])
+    return {"prompt": prompt, "prompt_ids": ids, "reference_ids": generated, "min_margin": min(margins)}
+
+
+def make_browser_check_model(out: Path, steps: int = 8, min_margin: float = 1.0) -> dict:
+    """A tiny Llama whose greedy continuation is decisive, for comparing a browser's tokens with
+    transformers' id for id: its vocabulary is exactly the tokenizer's (no id the tokenizer cannot
+    name), its output head is scaled up so the best token beats the runner-up by at least
+    `min_margin` logits at every step (float32 on a GPU differs from the CPU by ~1e-4), and the
+    continuation holds no end-of-sequence token (so both sides generate all `steps`) and at least
+    three different tokens (a stuck repetition would prove little)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    vocab_size = len(WORDS) + 3
+    for seed in range(50):
+        model_dir = make_tiny_llama(out, seed=seed, vocab_size=vocab_size)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(60.0)
+        model.save_pretrained(str(model_dir), safe_serialization=True)
+        reference = greedy_reference(model_dir, BROWSER_CHECK_PROMPT, steps)
+        chosen = reference["reference_ids"]
+        if reference["min_margin"] >= min_margin and 2 not in chosen and len(set(chosen)) >= 3:
+            return {**reference, "seed": seed}
+    raise RuntimeError(f"no seed below 50 gives a continuation with margins >= {min_margin}")

@@ -1,0 +1,133 @@
+// The llm2wasm preview page: loads the bundle's app config with the WebLLM the image ships,
+// shows load progress, streams answers with tokens/s, and says in words what went wrong.
+// window.llm2wasmPreview exposes the same engine to tests (see tests/integration/test_browser.py).
+const $ = (id) => document.getElementById(id);
+const state = { errors: [], ready: false, engine: null, modelId: null };
+window.llm2wasmPreview = state;
+
+function fail(message) {
+  state.errors.push(message);
+  $("error").hidden = false;
+  $("error").textContent = message;
+  $("status").textContent = "Stopped.";
+  $("send").disabled = true;
+}
+
+function explain(error) {
+  const text = String(error && error.message ? error.message : error);
+  if (/404|Not Found|Failed to fetch/i.test(text)) {
+    return `A file of the bundle could not be loaded: ${text}`;
+  }
+  return text;
+}
+
+async function checkFile(url, what) {
+  const response = await fetch(url, { method: "HEAD" });
+  if (!response.ok) throw new Error(`${response.status}: ${new URL(url).pathname} not found (${what})`);
+}
+
+async function main() {
+  const info = await (await fetch("/preview-info.json")).json();
+  $("model").textContent = info.model_id;
+  $("webllm").textContent = info.webllm_version || "not installed";
+  state.modelId = info.model_id;
+  if (info.rewritten) {
+    $("note").hidden = false;
+    $("note").textContent = `This bundle was made for ${info.bundle_base}; it is served here from ${info.served_base}, `
+      + "so the preview replaced that base URL in the app config it hands to WebLLM (the file on disk is unchanged).";
+  }
+  if (!navigator.gpu) {
+    return fail("This browser has no WebGPU (navigator.gpu is missing). Use a current Chrome or Edge; "
+      + "Chromium on Linux needs --enable-unsafe-webgpu.");
+  }
+  const adapter = await navigator.gpu.requestAdapter();
+  if (!adapter) return fail("WebGPU is there but gave no adapter: the GPU or its driver is not supported.");
+  for (const feature of info.required_features) {
+    if (!adapter.features.has(feature)) {
+      return fail(`This bundle needs the WebGPU feature "${feature}" (an f16 quantization), which this adapter lacks. `
+        + "Convert with an f32 quantization (q4f32_1 or q0f32), or use a GPU that has it.");
+    }
+  }
+  let webllm;
+  try {
+    webllm = await import("/webllm/index.js");
+  } catch (error) {
+    return fail(`WebLLM could not be loaded from /webllm/index.js: ${explain(error)}`);
+  }
+  const appConfig = await (await fetch("/app-config.json")).json();
+  // IndexedDB: a failed fetch then names its URL (the Cache API's errors do not).
+  appConfig.cacheBackend = "indexeddb";
+  const record = appConfig.model_list[0];
+  try {
+    await checkFile(record.model_lib, "the model library, model_lib");
+    await checkFile(new URL("resolve/main/tensor-cache.json", record.model).href, "the weights index");
+  } catch (error) {
+    return fail(explain(error));
+  }
+  $("status").textContent = "Loading the model…";
+  const started = performance.now();
+  try {
+    state.engine = await webllm.CreateMLCEngine(info.model_id, {
+      appConfig,
+      initProgressCallback: (report) => {
+        $("progress").value = report.progress;
+        $("status").textContent = report.text;
+      },
+    });
+  } catch (error) {
+    return fail(`Loading failed: ${explain(error)}`);
+  }
+  state.loadSeconds = (performance.now() - started) / 1000;
+  $("status").textContent = `Ready (loaded in ${state.loadSeconds.toFixed(1)} s).`;
+  $("progress").value = 1;
+  $("send").disabled = false;
+  state.ready = true;
+}
+
+// One completion; resolves to {text, tokenIds, firstTokenSeconds, tokensPerSecond}.
+state.complete = async function complete({ prompt, maxTokens = 16, temperature = 0, onText = null }) {
+  const engine = state.engine;
+  const started = performance.now();
+  let first = null;
+  let text = "";
+  const chunks = await engine.completions.create({
+    prompt, max_tokens: maxTokens, temperature, stream: true, stream_options: { include_usage: true },
+  });
+  let usage = null;
+  for await (const chunk of chunks) {
+    const delta = chunk.choices?.[0]?.text || "";
+    if (delta && first === null) first = (performance.now() - started) / 1000;
+    text += delta;
+    if (onText) onText(text);
+    if (chunk.usage) usage = chunk.usage;
+  }
+  const seconds = (performance.now() - started) / 1000;
+  // The token ids WebLLM sampled, read from its pipeline (internal state, for checks only).
+  const pipeline = engine.loadedModelIdToPipeline?.get(state.modelId);
+  const tokenIds = pipeline ? Array.from(pipeline.outputIds) : null;
+  const decodeRate = usage?.extra?.decode_tokens_per_s;
+  return { text, tokenIds, firstTokenSeconds: first, seconds, tokensPerSecond: decodeRate ?? (tokenIds ? tokenIds.length / seconds : null), usage };
+};
+
+$("chat").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("send").disabled = true;
+  $("answer").textContent = "";
+  $("speed").textContent = "";
+  try {
+    const result = await state.complete({
+      prompt: $("prompt").value,
+      maxTokens: Number($("max-tokens").value) || 64,
+      temperature: $("greedy").checked ? 0 : 0.7,
+      onText: (text) => { $("answer").textContent = text; },
+    });
+    const rate = result.tokensPerSecond ? `${result.tokensPerSecond.toFixed(1)} tokens/s` : "";
+    $("speed").textContent = `first token after ${(result.firstTokenSeconds ?? result.seconds).toFixed(2)} s · ${rate}`;
+  } catch (error) {
+    fail(`Generation failed: ${explain(error)}`);
+  } finally {
+    $("send").disabled = !state.ready;
+  }
+});
+
+main().catch((error) => fail(explain(error)));
