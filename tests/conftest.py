@@ -84,3 +84,19 @@ def image_exists(ref: str) -> bool:
 
 def app_image() -> str:
     return f"llm2wasm:app-{HERMETIC}"
+
+
+def run_app(
+    *args: str,
+    mounts: dict[Path, str] | None = None,
+    env: dict[str, str] | None = None,
+    detach: bool = False,
+    timeout: float = 900,
+) -> subprocess.CompletedProcess:
+    cmd = ["docker", "run", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}"]
+    cmd += ["-d"] if detach else ["--rm"]
+    for host_path, spec in (mounts or {}).items():
+        cmd += ["-v", f"{host_path}:{spec}"]
+    for key, value in (env or {}).items():
+        cmd += ["-e", f"{key}={value}"]
+    return subprocess.run([*cmd, app_image(), *args], capture_output=True, text=True, timeout=timeout)

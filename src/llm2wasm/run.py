@@ -98,6 +98,7 @@ class PreviewJob:
     bundle: Path
     port: int = 8000
     host: str = "127.0.0.1"  # where the port is published on this machine
+    name: str | None = None  # container name (tests stop it by name)
 
 
 def preview_command(job: PreviewJob) -> list[str]:
@@ -122,6 +123,7 @@ def preview_command(job: PreviewJob) -> list[str]:
         "run",
         "--rm",
         "--init",  # Ctrl-C stops the server
+        *(["--name", job.name] if job.name else []),
         "-p",
         f"{job.host}:{job.port}:8000",
         "-v",

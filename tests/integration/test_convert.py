@@ -16,24 +16,8 @@ import pytest
 
 from llm2wasm.convert.wasm_lib import inspect_library
 from llm2wasm.run import ConvertJob, run_convert_job
-from tests.conftest import app_image, invoke
+from tests.conftest import app_image, invoke, run_app
 from tests.unit.test_convert_bundle import MODEL_RECORD_FIELDS
-
-
-def run_app(
-    *args: str,
-    mounts: dict[Path, str] | None = None,
-    env: dict[str, str] | None = None,
-    detach: bool = False,
-    timeout: float = 900,
-) -> subprocess.CompletedProcess:
-    cmd = ["docker", "run", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}"]
-    cmd += ["-d"] if detach else ["--rm"]
-    for host_path, spec in (mounts or {}).items():
-        cmd += ["-v", f"{host_path}:{spec}"]
-    for key, value in (env or {}).items():
-        cmd += ["-e", f"{key}={value}"]
-    return subprocess.run([*cmd, app_image(), *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,177 @@
+"""A bundle made by the real hermetic chain runs in the real WebLLM in a real browser, and generates
+the tokens transformers generates.
+
+The model is a tiny Llama made decisive (llm2wasm.convert.tiny.make_browser_check_model): its
+vocabulary is exactly the tokenizer's, its output head is scaled so the greedy token beats the
+runner-up by at least one logit at every step (float32 on SwiftShader differs from the CPU by about
+1e-4), and its continuation holds three or more different tokens and no end of sequence. It is
+converted to q0f32 in the hermetic app image (real mlc_llm, apache-tvm 0.26.0, Debian's emscripten),
+served by `llm2wasm preview` in the image, and opened in Debian's headless Chromium (WebGPU on the
+CPU), driven by Playwright's Python client (no browser download). WebLLM's greedy token ids must
+equal transformers' greedy ids from the same weights. Any request off 127.0.0.1 and any WebGPU
+error in the console fail the test. The screenshot and timings are kept in test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from llm2wasm.run import PreviewJob, preview_command
+from tests.browser import chromium_path, run_preview_page
+from tests.conftest import ROOT, app_image, invoke, run_app
+
+ARTIFACTS = Path(os.environ.get("LLM2WASM_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+STEPS = 8
+
+MAKE_MODEL = """
+import json
+from pathlib import Path
+from llm2wasm.convert.tiny import make_browser_check_model
+reference = make_browser_check_model(Path("/work/model"), steps=%d)
+Path("/work/reference.json").write_text(json.dumps(reference))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser_bundle(hermetic_chain, tmp_path_factory):
+    if chromium_path() is None:
+        pytest.fail("Debian's chromium is not installed: run `bash .ci/setup.sh` as root")
+    work = tmp_path_factory.mktemp("browser")
+    made = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}",
+         "-v", f"{work}:/work", "--entrypoint", "python", app_image(), "-c", MAKE_MODEL % STEPS],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    reference = json.loads((work / "reference.json").read_text())
+    args = ("convert", "/work/model", "-q", "q0f32", "--conv-template", "llama-2", "--context-window", "256",
+            "--prefill-chunk-size", "64", "--model-id", "tiny-q0f32", "-o", "/work/bundle")  # fmt: skip
+    converted = run_app(*args, mounts={work: "/work"})
+    assert converted.returncode == 0, converted.stderr
+    return work, reference, converted
+
+
+def start_preview(bundle: Path) -> tuple[str, str]:
+    """`llm2wasm preview` in the image, as `invoke preview` runs it; returns (url, container name)."""
+    port, name = free_port(), f"llm2wasm-preview-{uuid.uuid4().hex[:8]}"
+    subprocess.Popen(
+        preview_command(PreviewJob(image=app_image(), bundle=bundle, port=port, name=name)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "preview-info.json", timeout=2):
+                return url, name
+        except OSError:
+            time.sleep(0.5)
+    subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    pytest.fail("the preview server did not answer within 60 s")
+
+
+@pytest.fixture(scope="module")
+def webllm_run(browser_bundle):
+    work, reference, _ = browser_bundle
+    url, name = start_preview(work / "bundle")
+    try:
+        run = run_preview_page(url, reference["prompt"], STEPS, screenshot=ARTIFACTS / "browser" / "preview.png")
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "browser" / "run.json").write_text(
+        json.dumps({"reference": reference, "results": run.results, "timings": run.timings, "console": run.console})
+    )
+    return run, reference
+
+
+def test_the_reference_is_decisive(browser_bundle):
+    _, reference, _ = browser_bundle
+    assert reference["min_margin"] >= 1.0 and len(set(reference["reference_ids"])) >= 3
+
+
+def test_conversion_repaired_the_read_write_defect(browser_bundle):
+    _, _, converted = browser_bundle
+    assert "kernel(s) repaired (never-written buffers read-only)" in converted.stderr
+
+
+def test_webllm_loads_the_bundle_and_generates_transformers_tokens(webllm_run):
+    run, reference = webllm_run
+    assert not run.preview_errors, run.preview_errors
+    assert not run.page_errors, run.page_errors
+    (result,) = run.results
+    assert result["tokenIds"] == reference["reference_ids"], (result, reference)
+    assert result["text"].strip()
+
+
+def test_no_webgpu_errors_in_the_console(webllm_run):
+    run, _ = webllm_run
+    assert not run.webgpu_errors, "\n".join(run.webgpu_errors[:5])
+
+
+def test_no_request_leaves_127_0_0_1(webllm_run):
+    run, _ = webllm_run
+    assert not run.foreign_requests, run.foreign_requests
+
+
+def test_screenshot_kept(webllm_run):
+    assert (ARTIFACTS / "browser" / "preview.png").stat().st_size > 10_000
+
+
+def test_without_the_repair_validation_and_the_browser_fail(browser_bundle, tmp_path):
+    """The library as compiled (kept beside the repaired one): the validator rejects it, and in the
+    browser it loads, "answers" with other tokens, and only the console shows WebGPU errors."""
+    work, reference, _ = browser_bundle
+    broken = tmp_path / "bundle"
+    shutil.copytree(work / "bundle", broken, symlinks=True)
+    compiled = broken / ".llm2wasm" / "compile" / "tiny-q0f32.as-compiled.wasm"
+    shutil.copyfile(compiled, broken / "lib" / "tiny-q0f32.wasm")
+    check = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "-v", f"{broken}:/b:ro", "--entrypoint", "python",
+         app_image(), "-m", "llm2wasm.convert.wgsl", "/b/lib/tiny-q0f32.wasm", "--no-repair"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert "INVALID batch_prefill_ragged_kv_kernel" in check.stdout
+    assert "must only be called from uniform control flow" in check.stdout
+    url, name = start_preview(broken)
+    try:
+        run = run_preview_page(url, reference["prompt"], STEPS)
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    assert run.webgpu_errors, "the unrepaired library ran without WebGPU errors"
+    assert run.results and run.results[0]["tokenIds"] != reference["reference_ids"]
+
+
+def test_preview_bad_input_exits_2_naming_the_problem(browser_bundle, tmp_path):
+    work, _, _ = browser_bundle
+    not_a_bundle = invoke("preview", str(tmp_path), "--profile", "hermetic")
+    assert not_a_bundle.returncode == 2 and "app-config.json not found" in not_a_bundle.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = invoke("preview", str(work / "bundle"), "--profile", "hermetic", "--port", str(port))
+    assert busy.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in busy.stderr
+    missing = tmp_path / "missing-lib"
+    shutil.copytree(work / "bundle", missing, symlinks=True)
+    (missing / "lib" / "tiny-q0f32.wasm").unlink()
+    in_image = run_app("preview", "/b", mounts={missing: "/b:ro"})
+    assert in_image.returncode == 2 and "lib/tiny-q0f32.wasm not found" in in_image.stderr
