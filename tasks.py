@@ -126,6 +126,7 @@ def verify(c, profile="stable", layer=None, set_=None, own_only=False, repositor
         "profile": "which built image to use (llm2wasm:app-PROFILE); default stable",
         "image": "run this image instead of llm2wasm:app-PROFILE",
         "cpu": "do not pass the GPU even when Docker has the NVIDIA runtime",
+        "no-wgsl-repair": "fail on TVM's read_write buffer defect instead of repairing it (see docs/CONVERT.md)",
     }
 )
 @friendly
@@ -144,6 +145,7 @@ def convert(
     profile="stable",
     image=None,
     cpu=False,
+    no_wgsl_repair=False,
 ):
     """Convert a model (and optional PEFT adapter) into a WebLLM bundle, in the built image."""
     from llm2wasm.layers import FINAL_LAYER, get_layer
@@ -165,6 +167,8 @@ def convert(
             options += [flag, str(value)]
     if force:
         options.append("--force")
+    if no_wgsl_repair:
+        options.append("--no-wgsl-repair")
     job = ConvertJob(
         image=image or get_layer(FINAL_LAYER).tag(profile),
         model_dir=Path(model_dir),

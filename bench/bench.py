@@ -14,6 +14,7 @@ Results are appended to bench/results.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -124,6 +125,50 @@ def conversions() -> dict[str, float]:
     return results
 
 
+def browser() -> list[str]:
+    """The tiny q0f32 bundle in the preview page, headless Chromium on the CPU (SwiftShader): load time,
+    time to the first token and decode rate, for a fresh browser page and a second page in it."""
+    sys.path.insert(0, str(ROOT))
+    from llm2wasm.run import PreviewJob, preview_command
+    from tests.browser import run_preview_page
+
+    image = "llm2wasm-bench:app-hermetic"
+    work = Path(tempfile.mkdtemp(prefix="llm2wasm-bench-browser-"))
+    user = f"{os.getuid()}:{os.getgid()}"
+    base = ["docker", "run", "--rm", "--network", "none", "--user", user, "-v", f"{work}:/w"]
+    script = (
+        "import json; from pathlib import Path; from llm2wasm.convert.tiny import make_browser_check_model; "
+        "Path('/w/ref.json').write_text(json.dumps(make_browser_check_model(Path('/w/model'))))"
+    )
+    timed([*base, "--entrypoint", "python", image, "-c", script])
+    convert = ["convert", "/w/model", "-q", "q0f32", "--conv-template", "llama-2", "--context-window", "256"]
+    timed([*base, image, *convert, "--prefill-chunk-size", "64", "-o", "/w/bundle"])
+    prompt = json.loads((work / "ref.json").read_text())["prompt"]
+    job = PreviewJob(image=image, bundle=work / "bundle", port=8799, name="llm2wasm-bench-preview")
+    server = subprocess.Popen(preview_command(job), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(5)
+        url = "http://127.0.0.1:8799/"
+        run = run_preview_page(url, prompt, 32, extra_urls=(url,))
+    finally:
+        subprocess.run(["docker", "rm", "-f", "llm2wasm-bench-preview"], capture_output=True)
+        server.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+    lines = [
+        "| browser (tiny q0f32, SwiftShader) | load (s) | first token (s) | decode tokens/s |",
+        "| --- | --- | --- | --- |",
+    ]
+    for index, result in enumerate(run.results):
+        extra = (result.get("usage") or {}).get("extra") or {}
+        label = "fresh browser" if index == 0 else "second page, same browser"
+        lines.append(
+            f"| {label} | {run.timings[f'load_{index}_s']:.1f} "
+            f"| {extra.get('time_to_first_token_s', result['firstTokenSeconds']):.2f} "
+            f"| {extra.get('decode_tokens_per_s', 0):.1f} |"
+        )
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-builds", action="store_true")
@@ -150,9 +195,11 @@ def main() -> int:
         ]
         lines.append("")
     runs = conversions()
+    browser_lines = browser()
     sequential = runs["sequential (LLM2WASM_STEP_WORKERS=1)"]
     lines += ["| conversion (real mlc_llm, tiny Llama, q4f32_1) | seconds | vs sequential |", "| --- | --- | --- |"]
     lines += [f"| {name} | {seconds:.1f} | {seconds / sequential:.2f} |" for name, seconds in runs.items()]
+    lines += ["", *browser_lines]
     text = "\n".join(lines) + "\n"
     print(text)
     with open(ROOT / "bench" / "results.md", "a") as handle:
