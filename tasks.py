@@ -50,6 +50,7 @@ SET_HELP = "override one pin for this run, KEY=VALUE (repeatable), e.g. emsdk_ve
         "no_cache": "build without Docker's cache (a cached step never sees a newer nightly wheel)",
         "repository": "image repository for the tags (default llm2wasm)",
         "images": "folder of layer Dockerfiles (default images/)",
+        "report": "also write the build report (sizes, times, installed versions) to FILE.md or FILE.json",
     },
     iterable=["set_"],
 )
@@ -65,11 +66,16 @@ def build(
     no_cache=False,
     repository="llm2wasm",
     images=None,
+    report=None,
 ):
     """Build the layer chain; each layer is verified (testinfra) before the next is built."""
-    from llm2wasm.build import Reporter, build_plan, summary_table
+    from llm2wasm.build import Reporter, build_plan
     from llm2wasm.pins import resolve_profile
     from llm2wasm.plan import make_plan
+    from llm2wasm.report import build_report, write_report
+
+    if report and Path(report).suffix not in (".md", ".json"):
+        raise UsageError(f"--report {report}: name a .md or .json file")
 
     plan = make_plan(
         resolve_profile(profile, set_ or []),
@@ -81,7 +87,10 @@ def build(
         print(plan.describe())
         return
     results = build_plan(plan, Reporter(quiet=quiet), reverify=reverify, no_cache=no_cache)
-    print(summary_table(results))
+    summary = build_report(plan.profile.name, results)
+    print(summary.to_markdown())
+    if report:
+        write_report(summary, Path(report))
     print(f"built and verified {len(results)} layer(s); final image {results[-1].tag}")
 
 
@@ -127,6 +136,7 @@ def verify(c, profile="stable", layer=None, set_=None, own_only=False, repositor
         "image": "run this image instead of llm2wasm:app-PROFILE",
         "cpu": "do not pass the GPU even when Docker has the NVIDIA runtime",
         "no-wgsl-repair": "fail on TVM's read_write buffer defect instead of repairing it (see docs/CONVERT.md)",
+        "device": "where the merge and weight conversion run: auto (default: the GPU when passed), cpu, cuda",
     }
 )
 @friendly
@@ -146,6 +156,7 @@ def convert(
     image=None,
     cpu=False,
     no_wgsl_repair=False,
+    device=None,
 ):
     """Convert a model (and optional PEFT adapter) into a WebLLM bundle, in the built image."""
     from llm2wasm.layers import FINAL_LAYER, get_layer
@@ -162,6 +173,7 @@ def convert(
         ("--prefill-chunk-size", prefill_chunk_size),
         ("--context-window", context_window),
         ("--base-url", base_url),
+        ("--device", device),
     ):
         if value is not None:
             options += [flag, str(value)]
@@ -246,10 +258,12 @@ def doctor(c):
 
 @task(help={"profile": "remove this profile's images (default: every profile)"})
 def clean(c, profile=None):
-    """Remove llm2wasm's images (llm2wasm:*), build logs and verification records."""
+    """Remove llm2wasm's images (llm2wasm:* and the failed layers kept in llm2wasm-failed:*), build logs
+    and verification records."""
     import shutil
 
     from llm2wasm import docker
+    from llm2wasm.build import failed_tag
     from llm2wasm.layers import LAYERS
     from llm2wasm.pins import profile_names
     from llm2wasm.state import STATE_DIR
@@ -257,6 +271,7 @@ def clean(c, profile=None):
     for name in [profile] if profile else profile_names():
         for layer in LAYERS:
             docker.remove_image(layer.tag(name))
+            docker.remove_image(failed_tag(layer.tag(name)))
     shutil.rmtree(STATE_DIR, ignore_errors=True)
     print("removed llm2wasm images and .llm2wasm/")
 

@@ -130,10 +130,12 @@ def build_plan(
             verify_seconds = result.seconds
             if not result.passed:
                 state.forget(name, image_id)
+                kept = keep_failed_image(image_id, step.tag)
                 reporter.say(
                     f"!!! [{index}/{total}] {name}: checks FAILED ({result.summary}) in "
-                    f"{result.seconds:.1f}s; not tagged, later layers not built.\n{result.output}\n"
-                    f"Look inside the failed image: docker run --rm -it --entrypoint bash {image_id}"
+                    f"{result.seconds:.1f}s; not tagged {step.tag}, later layers not built.\n{result.output}\n"
+                    f"The failed image is kept as {kept} (the previous one it replaces is removed); look inside: "
+                    f"docker run --rm -it --entrypoint bash {kept}"
                 )
                 raise BuildFailed(name, f"checks failed: {result.summary}", result.output)
             state.record(name, image_id, digest)
@@ -147,12 +149,18 @@ def build_plan(
     return results
 
 
-def summary_table(results: list[LayerResult]) -> str:
-    lines = [f"{'layer':12} {'image':19} {'build':>8} {'verify':>8}  checks"]
-    for r in results:
-        lines.append(
-            f"{r.layer:12} {r.image_id[:19]:19} {r.build_seconds:7.1f}s {r.verify_seconds:7.1f}s  {r.verified}"
-        )
-    total = sum(r.build_seconds + r.verify_seconds for r in results)
-    lines.append(f"{'total':12} {'':19} {total:7.1f}s")
-    return "\n".join(lines)
+def failed_tag(tag: str) -> str:
+    """llm2wasm:emsdk-stable -> llm2wasm-failed:emsdk-stable: one inspectable image per layer and profile."""
+    repository, _, name = tag.rpartition(":")
+    return f"{repository}-failed:{name}"
+
+
+def keep_failed_image(image_id: str, tag: str) -> str:
+    """Tag a layer image that failed its checks for inspection, replacing (and removing) the image
+    the same layer failed with before, so failed builds do not pile up untagged images."""
+    kept = failed_tag(tag)
+    previous = docker.image_id(kept)
+    docker.tag(image_id, kept)
+    if previous and previous != image_id:
+        docker.remove_if_unused(previous)
+    return kept

@@ -53,6 +53,11 @@ def remove_image(ref: str) -> None:
     run(["image", "rm", "--force", ref], check=False)
 
 
+def remove_if_unused(image: str) -> None:
+    """Remove an image that no tag or container uses any more (Docker refuses otherwise; fine)."""
+    run(["image", "rm", image], check=False)
+
+
 def build(
     *,
     dockerfile: Path,

@@ -24,10 +24,21 @@ def test_every_layer_built_verified_and_tagged(hermetic_chain):
         assert image_exists(f"llm2wasm:{name}-{HERMETIC}")
 
 
-def test_unchanged_layers_are_not_verified_again(hermetic_chain, hermetic_mirror):
-    result = invoke("build", *hermetic_build_args(hermetic_mirror))
+def test_unchanged_layers_are_not_verified_again(hermetic_chain, hermetic_mirror, tmp_path):
+    report = tmp_path / "report.json"
+    result = invoke("build", *hermetic_build_args(hermetic_mirror), "--report", str(report))
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("already passed these checks; not verified again") == len(LAYERS)
+    # the build report: every layer's size, and the versions read from the final image
+    data = json.loads(report.read_text())
+    assert [row["layer"] for row in data["layers"]] == LAYER_NAMES
+    assert all(row["size_bytes"] > 0 and row["result"] == "cached" for row in data["layers"])
+    assert data["layers"][-1]["size_bytes"] == sum(row["own_bytes"] for row in data["layers"])
+    pins = resolve_profile(HERMETIC)
+    assert data["versions"]["apache-tvm"] == pins["mlc_ai_requirement"].split("==")[1]
+    assert data["versions"]["emcc"] == pins["emsdk_version"] and data["versions"]["mlc-llm"].startswith("0.1.dev0+g")
+    assert data["cuda_libraries_bytes"] == 0  # a CPU profile
+    assert "## llm2wasm build report: profile `hermetic`" in result.stdout
 
 
 def test_invoke_verify_on_demand(hermetic_chain):
@@ -87,9 +98,13 @@ def test_broken_layer_stops_the_build(hermetic_chain, hermetic_mirror, tmp_path,
             assert not image_exists(f"{repository}:{after}-{HERMETIC}"), f"{after} was tagged"
         for later in LAYER_NAMES[position + 1 :]:
             assert f"] {later}: building" not in output, f"{later} was built after a failed layer"
+        # one inspectable image of the failed layer, named with the command to look inside
+        kept = f"{repository}-failed:{layer}-{HERMETIC}"
+        assert image_exists(kept) and f"docker run --rm -it --entrypoint bash {kept}" in output
     finally:
         for name in LAYER_NAMES:
-            subprocess.run(["docker", "image", "rm", f"{repository}:{name}-{HERMETIC}"], capture_output=True)
+            for tag in (f"{repository}:{name}-{HERMETIC}", f"{repository}-failed:{name}-{HERMETIC}"):
+                subprocess.run(["docker", "image", "rm", tag], capture_output=True)
 
 
 def test_tvm_source_moved_off_the_pinned_commit_is_caught(hermetic_chain, hermetic_mirror):

@@ -62,3 +62,42 @@ def test_merge_failure_is_a_failed_step_with_its_traceback(tmp_path):
     with pytest.raises(StepFailed, match="step merge failed"):
         converter.merge(converter.ws.temp_dir("merge"))
     assert "Traceback" in (converter.ws.logs / "merge.log").read_text()
+
+
+def test_convert_weight_out_of_gpu_memory_retries_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """A fake `python -m mlc_llm` that runs out of CUDA memory, and works with --device cpu."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *"--device cuda"*) echo "torch.OutOfMemoryError: CUDA out of memory." >&2; exit 1;; esac\n'
+        'for last; do :; done; mkdir -p "$last"; echo "converted with: $*"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("LLM2WASM_PYTHON", str(fake))
+    model = tmp_path / "model"
+    model.mkdir()
+    request = ConvertRequest(
+        model_dir=model, quantization="q4f32_1", conv_template="llama-2", output=tmp_path / "out", model_id="m"
+    )
+    converter = Converter(request)
+    converter._device = "cuda"  # as if a GPU had been found
+    converter.ws.prepare()
+    tmp = converter.ws.temp_dir("convert_weight")
+    converter.convert_weight(tmp)
+    assert "--device cpu" in (converter.ws.logs / "convert_weight.log").read_text()
+    assert "ran out of GPU memory: converting the weights on the CPU instead" in capsys.readouterr().err
+
+
+def test_convert_weight_other_failures_are_not_retried(tmp_path, monkeypatch):
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "ValueError: Unknown model type" >&2; exit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("LLM2WASM_PYTHON", str(fake))
+    request = ConvertRequest(
+        model_dir=tmp_path, quantization="q4f32_1", conv_template="llama-2", output=tmp_path / "out", model_id="m"
+    )
+    converter = Converter(request)
+    converter._device = "cuda"
+    converter.ws.prepare()
+    with pytest.raises(StepFailed, match="Unknown model type"):
+        converter.convert_weight(converter.ws.temp_dir("convert_weight"))

@@ -34,16 +34,3 @@ def test_repository_and_network():
     plan = make_plan(resolve_profile("hermetic"), repository="example/llm2wasm")
     assert plan.steps[0].tag == "example/llm2wasm:base-hermetic"
     assert {step.network for step in plan.steps} == {"host"}
-
-
-def test_summary_table():
-    from llm2wasm.build import LayerResult, summary_table
-
-    table = summary_table(
-        [
-            LayerResult("base", "t:base", "sha256:0123456789abcdef", 1.0, 2.0, "passed"),
-            LayerResult("python", "t:python", "sha256:fedcba9876543210", 0.5, 0.0, "cached"),
-        ]
-    )
-    assert "base         sha256:0123456789ab     1.0s     2.0s  passed" in table
-    assert table.splitlines()[-1].split() == ["total", "3.5s"]

@@ -50,3 +50,8 @@ def test_ci_runs_the_same_script_as_this_repository():
     runs = [s.get("run", "") for job in workflow["jobs"].values() for s in job["steps"]]
     assert any(".ci/run" in run for run in runs)
     assert "invoke lint" in runs and "invoke test --unit" in runs
+
+
+def test_publish_puts_the_build_report_in_the_job_summary():
+    text = next(path for path in WORKFLOWS if path.name == "publish.yml").read_text()
+    assert "--report build-report.md" in text and 'cat build-report.md >> "$GITHUB_STEP_SUMMARY"' in text

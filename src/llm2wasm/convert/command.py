@@ -22,6 +22,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fail on TVM's read_write buffer defect instead of declaring never-written buffers read-only",
     )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the merge and weight conversion run (default auto: the GPU when the container has one)",
+    )
     parser.add_argument("--output", "-o", required=True, metavar="OUT", help="output folder for the bundle")
     parser.set_defaults(run=_run_convert)
 

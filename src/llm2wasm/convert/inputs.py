@@ -52,6 +52,7 @@ class ConvertRequest:
     force: bool = False
     # declare never-written buffers read-only where the WGSL check finds TVM's read_write defect
     repair_wgsl: bool = True
+    device: str = "auto"  # merge and convert_weight (llm2wasm.convert.device)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -294,6 +295,7 @@ def build_request(args, names: MlcNames, previous_bundle) -> ConvertRequest:
         base_url=base_url,
         force=args.force,
         repair_wgsl=not getattr(args, "no_wgsl_repair", False),
+        device=getattr(args, "device", "auto"),
         warnings=warnings,
     )
 

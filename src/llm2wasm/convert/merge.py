@@ -18,7 +18,7 @@ def merge_dtype(config: dict):
     return torch.bfloat16 if declared == "bfloat16" else torch.float16
 
 
-def merge_adapter(model_dir: Path, adapter_dir: Path, out: Path, log: Path) -> None:
+def merge_adapter(model_dir: Path, adapter_dir: Path, out: Path, log: Path, device: str = "cpu") -> None:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -26,11 +26,11 @@ def merge_adapter(model_dir: Path, adapter_dir: Path, out: Path, log: Path) -> N
     config = json.loads((model_dir / "config.json").read_text())
     dtype = merge_dtype(config)
     with open(log, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
-        print(f"loading {model_dir} as {dtype}; merging {adapter_dir}")
+        print(f"loading {model_dir} as {dtype} on {device}; merging {adapter_dir}")
         base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, low_cpu_mem_usage=True)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        merged = PeftModel.from_pretrained(base.to(device), str(adapter_dir)).merge_and_unload()
         with torch.no_grad():
-            merged.save_pretrained(str(out), safe_serialization=True)
+            merged.to("cpu").save_pretrained(str(out), safe_serialization=True)
     # Tokenizer files: the base's, then any the adapter brings (a fine-tune may add tokens).
     for source in (model_dir, adapter_dir):
         for name in TOKENIZER_FILES:

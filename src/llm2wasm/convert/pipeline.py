@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import UsageError
+from .device import choose_device, is_out_of_memory
 from .inputs import ConvertRequest, build_request, fingerprint, warn
 from .mlc import installed_names, mlc_command, parse_memory, python_executable
 
@@ -142,6 +143,7 @@ class Converter:
         self.request = request
         self.ws = Workspace(request.output)
         self.timings: dict[str, str] = {}
+        self._device: str | None = None
 
     # -- steps ----------------------------------------------------------------------------
     def step(self, name: str, key: str, action) -> None:
@@ -168,12 +170,25 @@ class Converter:
         from .merge import merge_adapter
 
         log = self.ws.logs / "merge.log"
+        device = self.device()
         try:
-            merge_adapter(self.request.model_dir, self.request.adapter, tmp / "model", log)
-        except Exception:
+            merge_adapter(self.request.model_dir, self.request.adapter, tmp / "model", log, device)
+        except Exception as error:
             with open(log, "a") as handle:
                 traceback.print_exc(file=handle)
+            if device == "cuda" and is_out_of_memory(f"{type(error).__name__}: {error}"):
+                say("  merge ran out of GPU memory: merging on the CPU instead")
+                shutil.rmtree(tmp / "model", ignore_errors=True)
+                self._device = "cpu"
+                return self.merge(tmp)
             raise StepFailed("merge", log) from None
+
+    def device(self) -> str:
+        """The device for the merge and weight conversion, chosen once per run (and said)."""
+        if self._device is None:
+            self._device, why = choose_device(self.request.device)
+            say(f"  {why}")
+        return self._device
 
     def source_dir(self) -> Path:
         if self.request.adapter is not None:
@@ -200,17 +215,27 @@ class Converter:
         run_logged("gen_config", cmd, self.ws.logs / "gen_config.log")
 
     def convert_weight(self, tmp: Path) -> None:
+        device = self.device()
         cmd = mlc_command(
             "convert_weight",
             str(self.source_dir() / "config.json"),
             "--quantization",
             self.request.quantization,
             "--device",
-            "cpu",
+            device,
             "-o",
             str(tmp / "weights"),
         )
-        run_logged("convert_weight", cmd, self.ws.logs / "convert_weight.log")
+        log = self.ws.logs / "convert_weight.log"
+        try:
+            run_logged("convert_weight", cmd, log)
+        except StepFailed:
+            if device != "cuda" or not is_out_of_memory(log.read_text(errors="replace")):
+                raise
+            say("  convert_weight ran out of GPU memory: converting the weights on the CPU instead")
+            shutil.rmtree(tmp / "weights", ignore_errors=True)
+            cmd[cmd.index("--device") + 1] = "cpu"
+            run_logged("convert_weight", cmd, log)
 
     def compile(self, tmp: Path) -> dict:
         r = self.request
@@ -354,6 +379,7 @@ def run_convert(args) -> int:
             remove(entry)
     started = time.monotonic()
     converter = Converter(request)
+    converter.device()  # before anything is written: `--device cuda` without a GPU is bad input
     converter.ws.state["request"] = identity
     try:
         converter.run()
