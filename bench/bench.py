@@ -102,8 +102,7 @@ def touch_conversion_code() -> None:
     marker.write_text(f"# written by bench/bench.py at {time.time()}\n")
 
 
-def conversions() -> dict[str, float]:
-    image = "llm2wasm-bench:app-hermetic"  # the chain this run built
+def conversions(image: str) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="llm2wasm-bench-"))
     user = f"{os.getuid()}:{os.getgid()}"
     base = ["docker", "run", "--rm", "--network", "none", "--user", user, "-v", f"{work}:/w"]
@@ -125,14 +124,13 @@ def conversions() -> dict[str, float]:
     return results
 
 
-def browser() -> list[str]:
+def browser(image: str) -> list[str]:
     """The tiny q0f32 bundle in the preview page, headless Chromium on the CPU (SwiftShader): load time,
     time to the first token and decode rate, for a fresh browser page and a second page in it."""
     sys.path.insert(0, str(ROOT))
     from llm2wasm.run import PreviewJob, preview_command
     from tests.browser import run_preview_page
 
-    image = "llm2wasm-bench:app-hermetic"
     work = Path(tempfile.mkdtemp(prefix="llm2wasm-bench-browser-"))
     user = f"{os.getuid()}:{os.getgid()}"
     base = ["docker", "run", "--rm", "--network", "none", "--user", user, "-v", f"{work}:/w"]
@@ -194,8 +192,10 @@ def main() -> int:
             for name, (flat, layered) in builds.items()
         ]
         lines.append("")
-    runs = conversions()
-    browser_lines = browser()
+    # the chain this run built, or with --skip-builds the one `invoke build --profile hermetic` made
+    image = "llm2wasm:app-hermetic" if args.skip_builds else "llm2wasm-bench:app-hermetic"
+    runs = conversions(image)
+    browser_lines = browser(image)
     sequential = runs["sequential (LLM2WASM_STEP_WORKERS=1)"]
     lines += ["| conversion (real mlc_llm, tiny Llama, q4f32_1) | seconds | vs sequential |", "| --- | --- | --- |"]
     lines += [f"| {name} | {seconds:.1f} | {seconds / sequential:.2f} |" for name, seconds in runs.items()]
