@@ -101,3 +101,35 @@ def test_convert_weight_other_failures_are_not_retried(tmp_path, monkeypatch):
     converter.ws.prepare()
     with pytest.raises(StepFailed, match="Unknown model type"):
         converter.convert_weight(converter.ws.temp_dir("convert_weight"))
+
+
+def test_a_library_the_browser_would_reject_is_a_failed_compile_step(tmp_path, monkeypatch):
+    """What `python -m llm2wasm.convert.wgsl` reports (here a fake that finds an invalid kernel)
+    becomes a failed step naming the kernel and the validator's message."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *--no-repair*) ;; *) echo "repair was not turned off" >&2; exit 3;; esac\n'
+        "echo \"  INVALID batch_decode_paged_kv_kernel: line 151:7: 'workgroupBarrier' must only be called"
+        ' from uniform control flow"\n'
+        "exit 1\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("LLM2WASM_PYTHON", str(fake))
+    request = ConvertRequest(
+        model_dir=tmp_path,
+        quantization="q4f32_1",
+        conv_template="llama-2",
+        output=tmp_path / "out",
+        model_id="m",
+        repair_wgsl=False,
+    )
+    converter = Converter(request)
+    converter.ws.prepare()
+    tmp = converter.ws.temp_dir("compile")
+    (tmp / "m.wasm").write_bytes(b"\0asm\x01\0\0\0")
+    with pytest.raises(StepFailed) as error:
+        converter.check_wgsl(tmp, tmp / "m.wasm")
+    message = str(error.value)
+    assert "compile (WGSL check: a kernel the browser would reject)" in message
+    assert "INVALID batch_decode_paged_kv_kernel" in message and "uniform control flow" in message
