@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -141,4 +142,19 @@ def preview_command(job: PreviewJob) -> list[str]:
 
 
 def run_preview_job(job: PreviewJob) -> int:
-    return subprocess.run(preview_command(job)).returncode
+    """Serve until interrupted; the container goes with the command (by name: killing only the
+    docker client, as an interrupt of this process alone does, would leave the server running)."""
+    if job.name is None:
+        job.name = f"llm2wasm-preview-{job.port}"
+    command = preview_command(job)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # a terminated task stops its server too
+    try:
+        return subprocess.run(command).returncode
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        docker.run(["rm", "-f", job.name], check=False)

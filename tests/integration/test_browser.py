@@ -28,7 +28,7 @@ import pytest
 
 from llm2wasm.run import PreviewJob, preview_command
 from tests.browser import chromium_path, run_preview_page
-from tests.conftest import ROOT, app_image, invoke, run_app
+from tests.conftest import INVOKE, ROOT, app_image, invoke, run_app
 
 ARTIFACTS = Path(os.environ.get("LLM2WASM_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 STEPS = 8
@@ -175,3 +175,34 @@ def test_preview_bad_input_exits_2_naming_the_problem(browser_bundle, tmp_path):
     (missing / "lib" / "tiny-q0f32.wasm").unlink()
     in_image = run_app("preview", "/b", mounts={missing: "/b:ro"})
     assert in_image.returncode == 2 and "lib/tiny-q0f32.wasm not found" in in_image.stderr
+
+
+def test_invoke_preview_serves_the_bundle_and_stops_with_its_server(browser_bundle):
+    """`invoke preview` as a user runs it: the page on 127.0.0.1:PORT, and terminating the task
+    removes its container (killing only the docker client would leave the server running)."""
+    work, _, _ = browser_bundle
+    port = free_port()
+    task = subprocess.Popen(
+        [*INVOKE, "preview", str(work / "bundle"), "--profile", "hermetic", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline, info = time.monotonic() + 60, None
+        while time.monotonic() < deadline and info is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/preview-info.json", timeout=2) as response:
+                    info = json.loads(response.read())
+            except OSError:
+                time.sleep(0.5)
+        assert info is not None, "invoke preview did not answer within 60 s"
+        assert info["model_id"] == "tiny-q0f32" and info["served_base"] == f"http://127.0.0.1:{port}/"
+    finally:
+        task.terminate()
+        output = task.communicate(timeout=60)[0]
+    assert f"on http://127.0.0.1:{port}/" in output
+    left = subprocess.run(
+        ["docker", "ps", "-q", "--filter", f"name=llm2wasm-preview-{port}"], capture_output=True, text=True
+    )
+    assert left.stdout.strip() == "", "the preview container outlived invoke preview"
