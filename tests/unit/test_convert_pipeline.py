@@ -10,6 +10,14 @@ from llm2wasm.convert.inputs import ConvertRequest
 from llm2wasm.convert.pipeline import Converter, StepFailed, Workspace, key_of, run_logged, source_view
 
 
+def prepared_converter(model_dir, output, **settings) -> Converter:
+    """A Converter on a request with the usual settings (overridable), its workspace ready."""
+    values = {"quantization": "q4f32_1", "conv_template": "llama-2", "model_id": "m", **settings}
+    converter = Converter(ConvertRequest(model_dir=model_dir, output=output, **values))
+    converter.ws.prepare()
+    return converter
+
+
 def test_keys_change_with_inputs():
     assert key_of("a", 1) == key_of("a", 1)
     assert key_of("a", 1) != key_of("a", 2)
@@ -49,16 +57,7 @@ def test_merge_failure_is_a_failed_step_with_its_traceback(tmp_path):
     model.mkdir()
     adapter.mkdir()
     (model / "config.json").write_text('{"model_type": "llama"}')
-    request = ConvertRequest(
-        model_dir=model,
-        quantization="q4f16_1",
-        conv_template="llama-2",
-        output=tmp_path / "out",
-        model_id="m",
-        adapter=adapter,
-    )
-    converter = Converter(request)
-    converter.ws.prepare()
+    converter = prepared_converter(model, tmp_path / "out", quantization="q4f16_1", adapter=adapter)
     with pytest.raises(StepFailed, match="step merge failed"):
         converter.merge(converter.ws.temp_dir("merge"))
     assert "Traceback" in (converter.ws.logs / "merge.log").read_text()
@@ -76,12 +75,8 @@ def test_convert_weight_out_of_gpu_memory_retries_on_the_cpu(tmp_path, monkeypat
     monkeypatch.setenv("LLM2WASM_PYTHON", str(fake))
     model = tmp_path / "model"
     model.mkdir()
-    request = ConvertRequest(
-        model_dir=model, quantization="q4f32_1", conv_template="llama-2", output=tmp_path / "out", model_id="m"
-    )
-    converter = Converter(request)
+    converter = prepared_converter(model, tmp_path / "out")
     converter._device = "cuda"  # as if a GPU had been found
-    converter.ws.prepare()
     tmp = converter.ws.temp_dir("convert_weight")
     converter.convert_weight(tmp)
     assert "--device cpu" in (converter.ws.logs / "convert_weight.log").read_text()
@@ -93,12 +88,8 @@ def test_convert_weight_other_failures_are_not_retried(tmp_path, monkeypatch):
     fake.write_text('#!/bin/sh\necho "ValueError: Unknown model type" >&2; exit 1\n')
     fake.chmod(0o755)
     monkeypatch.setenv("LLM2WASM_PYTHON", str(fake))
-    request = ConvertRequest(
-        model_dir=tmp_path, quantization="q4f32_1", conv_template="llama-2", output=tmp_path / "out", model_id="m"
-    )
-    converter = Converter(request)
+    converter = prepared_converter(tmp_path, tmp_path / "out")
     converter._device = "cuda"
-    converter.ws.prepare()
     with pytest.raises(StepFailed, match="Unknown model type"):
         converter.convert_weight(converter.ws.temp_dir("convert_weight"))
 
@@ -116,16 +107,7 @@ def test_a_library_the_browser_would_reject_is_a_failed_compile_step(tmp_path, m
     )
     fake.chmod(0o755)
     monkeypatch.setenv("LLM2WASM_PYTHON", str(fake))
-    request = ConvertRequest(
-        model_dir=tmp_path,
-        quantization="q4f32_1",
-        conv_template="llama-2",
-        output=tmp_path / "out",
-        model_id="m",
-        repair_wgsl=False,
-    )
-    converter = Converter(request)
-    converter.ws.prepare()
+    converter = prepared_converter(tmp_path, tmp_path / "out", repair_wgsl=False)
     tmp = converter.ws.temp_dir("compile")
     (tmp / "m.wasm").write_bytes(b"\0asm\x01\0\0\0")
     with pytest.raises(StepFailed) as error:
