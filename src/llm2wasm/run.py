@@ -115,10 +115,9 @@ def preview_command(job: PreviewJob) -> list[str]:
         try:
             probe.bind((job.host, job.port))
         except OSError:
-            raise UsageError(
-                f"port {job.port} on {job.host} is in use: pass another with --port (e.g. --port {job.port + 1}), "
-                "or stop what is listening there"
-            ) from None
+            from .preview.server import port_in_use
+
+            raise port_in_use(job.host, job.port) from None
     return [
         docker.docker_bin(),
         "run",

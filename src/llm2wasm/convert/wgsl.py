@@ -171,17 +171,17 @@ def written_buffers(source: str, names: list[str]) -> set[str]:
     return written
 
 
-def read_only_source(source: str) -> tuple[str, dict[int, bool]]:
+def read_only_source(source: str) -> tuple[str, dict[int, bool], list[str]]:
     """The source with never-written storage buffers declared `read` (padded to the same length),
-    and binding -> written for every storage buffer."""
+    binding -> written for every storage buffer, and the names made read-only."""
     declared = [(int(binding), name) for binding, name in _DECLARATION.findall(source)]
     written = written_buffers(source, [name for _, name in declared])
-    for _, name in declared:
-        if name not in written:
-            pattern = re.compile(rf"var<storage, read_write> {re.escape(name)}\b")
-            # "read_write" -> "read" is 6 characters shorter: the spaces keep every offset in place
-            source = pattern.sub(f"var<storage, read>{' ' * 7}{name}", source, count=1)
-    return source, {binding: name in written for binding, name in declared}
+    read_only = [name for _, name in declared if name not in written]
+    for name in read_only:
+        pattern = re.compile(rf"var<storage, read_write> {re.escape(name)}\b")
+        # "read_write" -> "read" is 6 characters shorter: the spaces keep every offset in place
+        source = pattern.sub(f"var<storage, read>{' ' * 7}{name}", source, count=1)
+    return source, {binding: name in written for binding, name in declared}, read_only
 
 
 def repaired_tag(tag: str, access: dict[int, bool]) -> str:
@@ -199,7 +199,7 @@ def repair(data: bytearray, kernels: list[Kernel], names: set[str]) -> list[Repa
     for kernel in kernels:
         if kernel.name not in names:
             continue
-        source, access = read_only_source(kernel.source)
+        source, access, read_only = read_only_source(kernel.source)
         encoded = source.encode()
         if len(encoded) != len(kernel.source.encode()):
             raise LibraryFormatError(f"{kernel.name}: repaired source changed length")
@@ -208,15 +208,8 @@ def repair(data: bytearray, kernels: list[Kernel], names: set[str]) -> list[Repa
             tag = repaired_tag(kernel.write_access_tag, access).encode()
             data[kernel.tag_offset : kernel.tag_offset + len(tag)] = tag
         kernel.source = source
-        repairs.append(Repair(kernel.name, [n for n, w in _names_by_access(source, access) if not w]))
+        repairs.append(Repair(kernel.name, read_only))
     return repairs
-
-
-def _names_by_access(source: str, access: dict[int, bool]) -> list[tuple[str, bool]]:
-    names = dict(
-        (int(b), n) for b, n in re.findall(r"@binding\((\d+)\) var<storage, (?:read_write|read)>\s+(\w+)", source)
-    )
-    return [(names[b], written) for b, written in sorted(access.items()) if b in names]
 
 
 @dataclass
@@ -263,7 +256,7 @@ def self_check(validator: Validator | None = None) -> list[str]:
     failures = []
     if not found or not is_read_write_defect(found[0]):
         failures.append(f"the validator did not report the read_write uniformity defect: {found}")
-    fixed, access = read_only_source(SELF_CHECK_KERNEL)
+    fixed, access, _ = read_only_source(SELF_CHECK_KERNEL)
     if access != {0: False, 1: True}:
         failures.append(f"write analysis wrong: {access}")
     if rest := validate([Kernel("demo_kernel", fixed, 0)], validator):

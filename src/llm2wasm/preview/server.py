@@ -141,7 +141,7 @@ class PreviewHandler(SimpleHTTPRequestHandler):
 
     def info(self) -> dict:
         record = self.config["model_list"][0]
-        _, original = served_config(self.config, self.served_base())
+        original = bundle_base(record)
         version = None
         package = self.webllm / "package.json"
         if package.is_file():
@@ -156,6 +156,13 @@ class PreviewHandler(SimpleHTTPRequestHandler):
         }
 
 
+def port_in_use(host: str, port: int) -> UsageError:
+    return UsageError(
+        f"port {port} on {host} is in use: pass another with --port (e.g. --port {port + 1}), "
+        "or stop what is listening there"
+    )
+
+
 def make_server(bundle: Path, host: str, port: int, webllm: Path | None = None) -> ThreadingHTTPServer:
     config = check_bundle(bundle)
     handler = type(
@@ -167,10 +174,7 @@ def make_server(bundle: Path, host: str, port: int, webllm: Path | None = None) 
         return ThreadingHTTPServer((host, port), handler)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise UsageError(
-                f"port {port} on {host} is in use: pass another with --port (e.g. --port {port + 1}), "
-                "or stop what is listening there"
-            ) from None
+            raise port_in_use(host, port) from None
         if exc.errno == errno.EADDRNOTAVAIL:
             raise UsageError(f"cannot listen on {host}: it is not an address of this machine (--host)") from None
         raise
