@@ -51,6 +51,7 @@ SET_HELP = "override one pin for this run, KEY=VALUE (repeatable), e.g. emsdk_ve
         "repository": "image repository for the tags (default llm2wasm)",
         "images": "folder of layer Dockerfiles (default images/)",
         "report": "also write the build report (sizes, times, installed versions) to FILE.md or FILE.json",
+        "no_preflight": "do not first check that every remote pin resolves (registry, wheel index, git, npm)",
     },
     iterable=["set_"],
 )
@@ -67,6 +68,7 @@ def build(
     repository="llm2wasm",
     images=None,
     report=None,
+    no_preflight=False,
 ):
     """Build the layer chain; each layer is verified (testinfra) before the next is built."""
     from llm2wasm.build import Reporter, build_plan
@@ -86,7 +88,12 @@ def build(
     if dry_run:
         print(plan.describe())
         return
-    results = build_plan(plan, Reporter(quiet=quiet), reverify=reverify, no_cache=no_cache)
+    reporter = Reporter(quiet=quiet)
+    if not no_preflight:
+        from llm2wasm.preflight import preflight_or_stop
+
+        preflight_or_stop(plan.profile, [step.layer.name for step in plan.steps], reporter.say)
+    results = build_plan(plan, reporter, reverify=reverify, no_cache=no_cache)
     summary = build_report(plan.profile.name, results)
     print(summary.to_markdown())
     if report:
@@ -100,19 +107,28 @@ def build(
         "layer": "check only this layer's image (default: every layer, top to bottom)",
         "set_": SET_HELP,
         "own_only": "run only the layer's own checks, not its parents' as well",
+        "full": "run every parent's checks on every image, even where the layer changed nothing they look at",
         "repository": "image repository of the tags (default llm2wasm)",
     },
     iterable=["set_"],
 )
 @friendly
-def verify(c, profile="stable", layer=None, set_=None, own_only=False, repository="llm2wasm"):
+def verify(c, profile="stable", layer=None, set_=None, own_only=False, full=False, repository="llm2wasm"):
     """Run the testinfra checks on built images, on demand."""
     from llm2wasm.pins import resolve_profile
     from llm2wasm.verify import verify_built
 
     failed = []
-    for result in verify_built(resolve_profile(profile, set_ or []), layer, repository=repository, own_only=own_only):
-        print(f"{result.layer:12} {'PASS' if result.passed else 'FAIL'}  {result.summary}  ({result.seconds:.1f}s)")
+    results = verify_built(
+        resolve_profile(profile, set_ or []), layer, repository=repository, own_only=own_only, full=full
+    )
+    for result, selection in results:
+        scope = ""
+        if selection is not None:
+            scope = "  parents' checks carried over" if selection.parents_carried_over else "  with parents' checks"
+        print(
+            f"{result.layer:12} {'PASS' if result.passed else 'FAIL'}  {result.summary}  ({result.seconds:.1f}s){scope}"
+        )
         if not result.passed:
             print(result.output)
             failed.append(result.layer)
@@ -245,13 +261,31 @@ def publish(c, to, profile="stable", set_=None, no_push=False, repository="llm2w
     print("\n".join(refs))
 
 
-@task
-def doctor(c):
-    """Check this host: docker CLI, engine, buildx, NVIDIA runtime, free disk; each with its fix."""
+@task(
+    help={
+        "profile": "also check that every remote pin of this profile resolves (registry, wheel index, git, npm)",
+        "set_": SET_HELP,
+    },
+    iterable=["set_"],
+)
+@friendly
+def doctor(c, profile=None, set_=None):
+    """Check this host (docker CLI, engine, buildx, NVIDIA runtime, free disk) and, with --profile, the
+    profile's remote pins (the preflight `invoke build` runs first); each problem with its fix."""
     from llm2wasm.doctor import check_host, report
 
     text, healthy = report(check_host(ROOT))
     print(text)
+    pins_resolve = True
+    if profile:
+        from llm2wasm.pins import resolve_profile
+        from llm2wasm.preflight import format_results, run_preflight
+
+        print(f"pins of profile {profile}:")
+        pins_text, pins_resolve = format_results(run_preflight(resolve_profile(profile, set_ or [])))
+        print(pins_text)
+    if not pins_resolve:
+        raise Exit("doctor: pins do not resolve (see the fixes above)", code=2)
     if not healthy:
         raise Exit("doctor found problems (see the fixes above)", code=1)
 

@@ -103,10 +103,10 @@ def exec_(container) -> Exec:
     return Exec(container)
 
 
-# One interpreter for the heavy imports (torch, TVM, mlc_llm take seconds each): every probe records
-# its own result or error, so each check still passes or fails on its own.
+# Two interpreters for the heavy imports (torch; TVM with mlc_llm take seconds each), run side by
+# side: every probe records its own result or error, so each check still passes or fails on its own.
 PYTHON_PROBE = r"""
-import importlib, json, traceback
+import importlib, json, sys, traceback
 facts = {}
 def probe(name, func):
     try:
@@ -130,18 +130,31 @@ def patched_helper():
         except ImportError:
             continue
     return [module.llm2wasm_runtime_lib(bc) for bc in ("wasm_runtime.bc", "tvmjs_support.bc", "webgpu_runtime.bc")]
-for name, func in [("ml_libraries", ml_libraries), ("tvm_and_mlc_llm", tvm_and_mlc_llm),
-                   ("libinfo_commit", libinfo_commit), ("patched_helper", patched_helper)]:
-    probe(name, func)
+for name in sys.argv[1:]:
+    probe(name, globals()[name])
 print(json.dumps(facts))
 """
+PROBE_GROUPS = (("ml_libraries",), ("tvm_and_mlc_llm", "libinfo_commit", "patched_helper"))
 
 
 @pytest.fixture(scope="session")
-def python_facts(exec_) -> dict:
-    result = exec_.python(PYTHON_PROBE, timeout=300)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def python_facts(container) -> dict:
+    procs = [
+        subprocess.Popen(
+            ["docker", "exec", "-i", container, "python", "-", *group],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for group in PROBE_GROUPS
+    ]
+    facts = {}
+    for proc in procs:
+        out, err = proc.communicate(PYTHON_PROBE, timeout=300)
+        assert proc.returncode == 0, err
+        facts.update(json.loads(out.strip().splitlines()[-1]))
+    return facts
 
 
 @pytest.fixture(scope="session")

@@ -57,3 +57,12 @@ def test_emcc_links_wasm_unprivileged(exec_):
     result = exec_("sh", "-c", script, user="65534:65534", timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("\\0asm"), result.stdout
+
+
+def test_conversion_user_and_workdir(image_config, host):
+    """Set here, not in the app layer, so the app layer (rebuilt on each change under src/) adds
+    files only and its parents' checks carry over (docs/VERIFY.md)."""
+    assert image_config["User"] == "10001:10001"
+    assert image_config["WorkingDir"] == "/work"
+    assert host.check_output("id -u") == "10001"
+    assert host.file("/work").uid == 10001

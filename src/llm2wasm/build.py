@@ -1,7 +1,8 @@
 """Build the layer chain; each layer must pass its checks before the next is built.
 
 For each step: docker build (BuildKit, untagged) -> checks in a container of the new image
-(skipped when this image ID already passed the same checks) -> tag. The first failure stops the
+(skipped when this image ID already passed the same checks; the parents' checks run again only
+when the layer changed something they look at, see llm2wasm.layerdiff) -> tag. The first failure stops the
 build, names the layer and shows the failing output; nothing after it is built or tagged.
 """
 
@@ -17,7 +18,7 @@ from . import cuda_libs, docker
 from .errors import BuildFailed
 from .plan import BuildPlan, Step
 from .state import STATE_DIR, VerifiedImages, checks_digest
-from .verify import run_checks
+from .verify import run_checks, select_checks
 
 
 @dataclass
@@ -125,8 +126,21 @@ def build_plan(
             reporter.say(f"    {name}: unchanged image already passed these checks; not verified again")
             verified, verify_seconds = "cached", 0.0
         else:
-            reporter.say(f"    {name}: verifying (testinfra: verify/ checks for {name} and its parents)")
-            result = run_checks(image_id, name, plan.profile, junit_dir=STATE_DIR / "reports" / plan.profile.name)
+            selection = select_checks(name, image_id, parent_tag, STATE_DIR / "manifests")
+            if parent_tag is None:
+                scope = "its checks"
+            elif selection.parents_carried_over:
+                scope = "its own checks; it changed nothing its parents' checks look at, so theirs carry over"
+            else:
+                scope = f"its checks and its parents' again ({'; '.join(selection.reasons)})"
+            reporter.say(f"    {name}: verifying (testinfra: {scope})")
+            result = run_checks(
+                image_id,
+                name,
+                plan.profile,
+                modules=selection.modules,
+                junit_dir=STATE_DIR / "reports" / plan.profile.name,
+            )
             verify_seconds = result.seconds
             if not result.passed:
                 state.forget(name, image_id)

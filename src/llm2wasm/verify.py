@@ -40,14 +40,54 @@ def check_modules(layer: str, own_only: bool = False) -> list[Path]:
     return [chain[-1].check_module] if own_only else [step.check_module for step in chain]
 
 
+@dataclass(frozen=True)
+class CheckSelection:
+    modules: list[Path]
+    # why the parents' checks run again on this image; empty when they carry over
+    reasons: list[str]
+
+    @property
+    def parents_carried_over(self) -> bool:
+        return not self.reasons
+
+
+def select_checks(layer: str, image: str, parent_image: str | None, cache_dir: Path) -> CheckSelection:
+    """The layer's own checks, plus its parents' checks when the image changed something they look
+    at compared with the parent image it was built on (llm2wasm.layerdiff has the rules). The
+    parents' checks passed on the parent image, so when nothing they look at changed they carry over."""
+    own = check_modules(layer, own_only=True)
+    if parent_image is None:
+        return CheckSelection(own, [])
+    from .layerdiff import parent_check_reasons
+
+    reasons = parent_check_reasons(parent_image, image, cache_dir)
+    if not reasons:
+        return CheckSelection(own, [])
+    return CheckSelection(check_modules(layer), reasons)
+
+
 def verify_built(
-    profile: Profile, layer: str | None = None, *, repository: str = "llm2wasm", own_only: bool = False
-) -> Iterator[CheckResult]:
-    """Check the tagged images of a profile (one layer, or all in build order), one result each."""
+    profile: Profile,
+    layer: str | None = None,
+    *,
+    repository: str = "llm2wasm",
+    own_only: bool = False,
+    full: bool = False,
+    cache_dir: Path | None = None,
+) -> Iterator[tuple[CheckResult, CheckSelection | None]]:
+    """Check the tagged images of a profile, one result each.
+
+    Every layer (top to bottom): its own checks, and its parents' checks again where the layer
+    changed what they look at; a parent that fails voids that, so its children run every check.
+    One layer (``layer``) or ``full``: the layer's checks and all its parents', on its image.
+    """
     from . import docker
     from .layers import LAYERS, get_layer
+    from .state import STATE_DIR
 
-    for entry in [get_layer(layer)] if layer else list(LAYERS):
+    cache_dir = cache_dir or STATE_DIR / "manifests"
+    entries = [get_layer(layer)] if layer else list(LAYERS)
+    for entry in entries:
         tag = entry.tag(profile.name, repository)
         if docker.image_id(tag) is None:
             where = "" if repository == "llm2wasm" else f" --repository {repository}"
@@ -55,7 +95,21 @@ def verify_built(
                 f"image {tag} not found: build it first with "
                 f"`invoke build --profile {profile.name} --until {entry.name}{where}`"
             )
-        yield run_checks(tag, entry.name, profile, own_only=own_only)
+    all_passed = True
+    for entry in entries:
+        tag = entry.tag(profile.name, repository)
+        selection = None
+        if own_only:
+            modules = check_modules(entry.name, own_only=True)
+        elif layer or full or not all_passed:
+            modules = check_modules(entry.name)
+        else:
+            parent_tag = get_layer(entry.parent).tag(profile.name, repository) if entry.parent else None
+            selection = select_checks(entry.name, tag, parent_tag, cache_dir)
+            modules = selection.modules
+        result = run_checks(tag, entry.name, profile, modules=modules)
+        all_passed = all_passed and result.passed
+        yield result, selection
 
 
 def run_checks(
@@ -64,10 +118,12 @@ def run_checks(
     profile: Profile,
     *,
     own_only: bool = False,
+    modules: list[Path] | None = None,
     junit_dir: Path | None = None,
     extra_args: list[str] | None = None,
 ) -> CheckResult:
-    """Run the checks of ``layer`` (and its parents', which a child must not break) on ``image``."""
+    """Run the checks of ``layer`` (and its parents', which a child must not break) on ``image``;
+    ``modules`` picks the check modules instead (see select_checks)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(profile.to_json(), handle)
         pins_file = handle.name
@@ -92,7 +148,7 @@ def run_checks(
     if junit_dir is not None:
         junit_dir.mkdir(parents=True, exist_ok=True)
         cmd.append(f"--junitxml={junit_dir / (layer + '.xml')}")
-    cmd += [str(path) for path in check_modules(layer, own_only)]
+    cmd += [str(path) for path in (modules if modules is not None else check_modules(layer, own_only))]
     cmd += extra_args or []
     started = time.monotonic()
     try:

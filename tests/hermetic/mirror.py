@@ -1,11 +1,13 @@
 """The hermetic local mirror: everything the `hermetic` profile builds from, on 127.0.0.1.
 
-* a Debian base image made with debootstrap and `docker import` (no registry is reachable);
+* a Debian base image made with debootstrap and `docker import`, served by the mirror's own image
+  registry (Debian's docker-registry; no public registry is reachable);
 * a wheelhouse of the real Python packages (torch CPU, transformers, peft, bitsandbytes, the real
   apache-tvm 0.26.0 wheel and what mlc_llm imports), downloaded by the host's pip, plus two wheels
   made here: the real mlc_llm Python package from the patched mlc-llm checkout, and the import
   adapter it needs without its compiled library (mlc_adapter/); served over HTTP (pip inside
-  containers cannot verify TLS here);
+  containers cannot verify TLS here) as a flat page (--find-links) and a PEP 503 index (/simple/),
+  beside the pinned @mlc-ai/web-llm tarball and its package document at the npm registry's paths;
 * git repositories served by `git daemon`: the real mlc-llm (79d603f0, plus one compatibility
   commit, tagged), apache/tvm v0.26.0 and apache/tvm-ffi, made from the upstream archives in
   shared/upstream (sha256-checked) with their submodule links pointing at each other; and the
@@ -34,6 +36,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.utils import parse_wheel_filename
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 STANDINS = ROOT / "tests" / "standins"
@@ -44,7 +48,10 @@ from llm2wasm.pins import resolve_profile  # noqa: E402 (needs the sys.path line
 
 WHEELHOUSE_PORT = 38471
 GIT_PORT = 38472
-BASE_IMAGE = "llm2wasm-hermetic/debian:bookworm"
+REGISTRY_PORT = 38474
+# The base image lives in the mirror's own registry (Debian's docker-registry), so the build and the
+# preflight reach it the way they reach ubuntu:24.04 on Docker Hub.
+BASE_IMAGE = f"127.0.0.1:{REGISTRY_PORT}/llm2wasm-hermetic/debian:bookworm"
 DEBIAN_SUITE = "bookworm"
 # Git stand-ins: repository name -> (source folder, tag)
 FIXED_DATE = "2025-01-01T00:00:00+00:00"
@@ -117,6 +124,27 @@ def ensure_base_image() -> str:
         )
         tar.wait()
     return BASE_IMAGE
+
+
+def registry_has_base_image() -> bool:
+    name, _, tag = BASE_IMAGE.split("/", 1)[1].rpartition(":")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{REGISTRY_PORT}/v2/{name}/manifests/{tag}",
+        method="HEAD",
+        headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def ensure_base_image_pushed() -> None:
+    ensure_base_image()
+    if not registry_has_base_image():
+        log(f"pushing {BASE_IMAGE} to the mirror's registry")
+        run(["docker", "push", BASE_IMAGE], stdout=subprocess.DEVNULL)
 
 
 # ---------------------------------------------------------------- upstream sources
@@ -348,7 +376,25 @@ def ensure_wheelhouse(mlc_llm_python: Path) -> Path:
         stamp.write_text(json.dumps(wanted))
     build_local_wheels(wheelhouse, mlc_llm_python)
     ensure_webllm(wheelhouse)
+    write_simple_index(wheelhouse)
     return wheelhouse
+
+
+def write_simple_index(wheelhouse: Path) -> None:
+    """The wheelhouse also as a PEP 503 index at /simple/ (what --index-url reads), beside the flat
+    page at / (what --find-links reads): the preflight is tested against both forms."""
+    projects: dict[str, list[str]] = {}
+    for wheel in sorted(wheelhouse.glob("*.whl")):
+        name = parse_wheel_filename(wheel.name)[0]
+        projects.setdefault(name, []).append(wheel.name)
+    simple = wheelhouse / "simple"
+    shutil.rmtree(simple, ignore_errors=True)
+    for name, files in projects.items():
+        links = "".join(f'<a href="../../{file}">{file}</a><br>\n' for file in files)
+        (simple / name).mkdir(parents=True)
+        (simple / name / "index.html").write_text(f"<!DOCTYPE html><html><body>\n{links}</body></html>\n")
+    root = "".join(f'<a href="{name}/">{name}</a><br>\n' for name in sorted(projects))
+    (simple / "index.html").write_text(f"<!DOCTYPE html><html><body>\n{root}</body></html>\n")
 
 
 def ensure_webllm(wheelhouse: Path) -> Path:
@@ -356,18 +402,26 @@ def ensure_webllm(wheelhouse: Path) -> Path:
     at the registry's own path (NPM_REGISTRY/@mlc-ai/web-llm/-/web-llm-VERSION.tgz)."""
     version = resolve_profile("hermetic")["webllm_version"]
     target = wheelhouse / "npm" / "@mlc-ai" / "web-llm" / "-" / f"web-llm-{version}.tgz"
-    if target.exists():
-        return target
-    if shutil.which("npm") is None:
-        raise RuntimeError("npm is not installed: the mirror packs @mlc-ai/web-llm with it (apt-get install npm)")
-    log(f"packing @mlc-ai/web-llm@{version} from the npm registry")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        run(
-            ["npm", "pack", "--silent", f"@mlc-ai/web-llm@{version}", "--pack-destination", tmp],
-            stdout=subprocess.DEVNULL,
-        )
-        shutil.move(str(next(Path(tmp).glob("*.tgz"))), target)
+    if not target.exists():
+        if shutil.which("npm") is None:
+            raise RuntimeError("npm is not installed: the mirror packs @mlc-ai/web-llm with it (apt-get install npm)")
+        log(f"packing @mlc-ai/web-llm@{version} from the npm registry")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            run(
+                ["npm", "pack", "--silent", f"@mlc-ai/web-llm@{version}", "--pack-destination", tmp],
+                stdout=subprocess.DEVNULL,
+            )
+            shutil.move(str(next(Path(tmp).glob("*.tgz"))), target)
+    # The package document the registry serves at NPM_REGISTRY/@mlc-ai/web-llm (index.html of that
+    # folder, so the plain file server answers the registry's path).
+    integrity = "sha512-" + base64.b64encode(hashlib.sha512(target.read_bytes()).digest()).decode()
+    packument = {
+        "name": "@mlc-ai/web-llm",
+        "dist-tags": {"latest": version},
+        "versions": {version: {"name": "@mlc-ai/web-llm", "version": version, "dist": {"integrity": integrity}}},
+    }
+    (target.parent.parent / "index.html").write_text(json.dumps(packument))
     return target
 
 
@@ -557,7 +611,7 @@ def pid_file() -> Path:
 
 
 def serving() -> bool:
-    if not (port_open(WHEELHOUSE_PORT) and port_open(GIT_PORT)):
+    if not (port_open(WHEELHOUSE_PORT) and port_open(GIT_PORT) and port_open(REGISTRY_PORT)):
         return False
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{WHEELHOUSE_PORT}/", timeout=5) as response:
@@ -567,7 +621,7 @@ def serving() -> bool:
 
 
 def start_servers(wheelhouse: Path, git_base: Path) -> list[int]:
-    for port in (WHEELHOUSE_PORT, GIT_PORT):
+    for port in (WHEELHOUSE_PORT, GIT_PORT, REGISTRY_PORT):
         if port_open(port):
             raise RuntimeError(
                 f"port {port} on 127.0.0.1 is taken by something that is not this mirror: "
@@ -604,7 +658,21 @@ def start_servers(wheelhouse: Path, git_base: Path) -> list[int]:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    pids = [http.pid, daemon.pid]
+    registry_binary = shutil.which("docker-registry")
+    if registry_binary is None:
+        raise RuntimeError("docker-registry is not installed: run `bash .ci/install-docker.sh` as root")
+    config = logs / "registry.yml"
+    config.write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {logs / 'registry'}\n"
+        f"http:\n  addr: 127.0.0.1:{REGISTRY_PORT}\n"
+    )
+    registry = subprocess.Popen(
+        [registry_binary, "serve", str(config)],
+        stdout=open(logs / "registry.log", "w"),  # noqa: SIM115 (the server outlives this function)
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    pids = [http.pid, daemon.pid, registry.pid]
     pid_file().write_text(json.dumps(pids))
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -612,7 +680,7 @@ def start_servers(wheelhouse: Path, git_base: Path) -> list[int]:
             return pids
         time.sleep(0.2)
     stop_servers()
-    raise RuntimeError(f"mirror servers did not start; see {logs}/http.log and git-daemon.log")
+    raise RuntimeError(f"mirror servers did not start; see {logs}/http.log, git-daemon.log and registry.log")
 
 
 def stop_servers() -> None:
@@ -626,14 +694,17 @@ def stop_servers() -> None:
 
 def up() -> bool:
     """Make sure everything is ready and served. True when this call started the servers."""
-    ensure_base_image()
     wheelhouse = ensure_wheelhouse(patched_mlc_llm_python())
     git_base = ensure_git_repos(wheelhouse)
-    if serving():
-        return False
-    start_servers(wheelhouse, git_base)
-    log(f"serving wheelhouse on 127.0.0.1:{WHEELHOUSE_PORT} and git on 127.0.0.1:{GIT_PORT}")
-    return True
+    started = not serving()
+    if started:
+        start_servers(wheelhouse, git_base)
+        log(
+            f"serving wheelhouse on 127.0.0.1:{WHEELHOUSE_PORT}, git on 127.0.0.1:{GIT_PORT} "
+            f"and images on 127.0.0.1:{REGISTRY_PORT}"
+        )
+    ensure_base_image_pushed()
+    return started
 
 
 def main(argv: list[str]) -> int:
