@@ -124,7 +124,7 @@ def verify(c, profile="stable", layer=None, set_=None, own_only=False, full=Fals
     )
     for result, selection in results:
         scope = ""
-        if selection is not None:
+        if selection is not None and selection.has_parents:
             scope = "  parents' checks carried over" if selection.parents_carried_over else "  with parents' checks"
         print(
             f"{result.layer:12} {'PASS' if result.passed else 'FAIL'}  {result.summary}  ({result.seconds:.1f}s){scope}"

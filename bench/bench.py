@@ -1,13 +1,14 @@
 """Side-by-side timings, one run, printed as ratios: not a test (nothing here passes or fails).
 
 Builds (hermetic mirror): the seed as one flat Dockerfile (bench/seed-equivalent) against the
-llm2wasm layer chain with its checks, cold (no cache) and after a change to the conversion code.
+llm2wasm layer chain with its checks, cold (no cache), warm, after a change to the conversion code
+and after bumping the MLC wheel pin; the image sizes; and `invoke verify` of every layer.
 Conversions (hermetic app image, real mlc_llm on apache-tvm 0.26.0, Debian's emscripten): the tiny
 Llama converted with weight conversion and compilation one after the other against at the same time,
 the library linked at emcc's -O0 instead of TVM's -O3 (EMCC_CFLAGS, emscripten's own environment
 variable), and a re-run (resume).
 
-    python bench/bench.py [--skip-builds]      (needs `invoke mirror` running)
+    python bench/bench.py [--skip-builds | --only-builds]      (needs `invoke mirror` running)
 Results are appended to bench/results.md.
 """
 
@@ -42,18 +43,22 @@ def timed(cmd: list[str], **kwargs) -> float:
     return time.monotonic() - started
 
 
-def flat_build(no_cache: bool) -> float:
+# A bump of the MLC wheel pin that the hermetic wheelhouse can satisfy: the pin's text changes (as
+# it does when a user moves to a new release), so every build step that uses it runs again.
+MLC_AI_BUMPED = "apache-tvm>=0.26.0,<0.27"
+
+
+def flat_build(no_cache: bool, mlc_ai_requirement: str | None = None) -> float:
     pins = resolve_profile("hermetic")
     requirements = " ".join(
-        pins[k]
-        for k in (
-            "torch_requirement",
-            "transformers_requirement",
-            "peft_requirement",
-            "bitsandbytes_requirement",
-            "mlc_ai_requirement",
-            "tvm_ffi_requirement",
-        )
+        [
+            pins["torch_requirement"],
+            pins["transformers_requirement"],
+            pins["peft_requirement"],
+            pins["bitsandbytes_requirement"],
+            mlc_ai_requirement or pins["mlc_ai_requirement"],
+            pins["tvm_ffi_requirement"],
+        ]
     )
     requirements += " " + mirror.mlc_llm_requirement()
     cmd = [
@@ -65,6 +70,8 @@ def flat_build(no_cache: bool) -> float:
         str(ROOT / "bench/seed-equivalent/Dockerfile"),
         "-t",
         "llm2wasm-bench:flat",
+        "--build-arg",
+        f"BASE_IMAGE={pins['base_image']}",
         "--build-arg",
         f"PIP_OPTIONS={pins['pip_options']}",
         "--build-arg",
@@ -80,7 +87,7 @@ def flat_build(no_cache: bool) -> float:
     return timed(cmd, env={**os.environ, "DOCKER_BUILDKIT": "1"})
 
 
-def layered_build(no_cache: bool) -> float:
+def layered_build(no_cache: bool, mlc_ai_requirement: str | None = None, report: Path | None = None) -> float:
     cmd = [
         *INVOKE,
         "build",
@@ -94,7 +101,62 @@ def layered_build(no_cache: bool) -> float:
     ]
     if no_cache:
         cmd += ["--no-cache", "--reverify"]
+    if mlc_ai_requirement:
+        cmd += ["--set", f"mlc_ai_requirement={mlc_ai_requirement}"]
+    if report:
+        cmd += ["--report", str(report)]
     return timed(cmd)
+
+
+def verify_all() -> float:
+    return timed([*INVOKE, "verify", "--profile", "hermetic", "--repository", "llm2wasm-bench"])
+
+
+def image_gb(ref: str) -> float:
+    out = subprocess.run(["docker", "image", "inspect", "--format", "{{.Size}}", ref], capture_output=True, text=True)
+    return int(out.stdout.strip()) / 1e9
+
+
+def build_rows() -> list[str]:
+    report = Path(tempfile.mkdtemp(prefix="llm2wasm-bench-")) / "cold.json"
+    builds = {
+        "cold": (flat_build(True), layered_build(True, report=report)),
+        "warm, nothing changed": (flat_build(False), layered_build(False)),
+    }
+    touch_conversion_code()
+    try:
+        builds["after a change to src/"] = (flat_build(False), layered_build(False))
+    finally:
+        (ROOT / "src" / "llm2wasm" / "convert" / "_bench_marker.py").unlink(missing_ok=True)
+    builds[f"after bumping the MLC wheel pin ({MLC_AI_BUMPED})"] = (
+        flat_build(False, MLC_AI_BUMPED),
+        layered_build(False, MLC_AI_BUMPED),
+    )
+    cold_layers = json.loads(report.read_text())["layers"]
+    verify_in_build = sum(layer["verify_seconds"] for layer in cold_layers)
+    verify_seconds = verify_all()
+    cold = builds["cold"][1]
+    src_change = builds["after a change to src/"][1]
+    flat_gb, layered_gb = image_gb("llm2wasm-bench:flat"), image_gb("llm2wasm-bench:app-hermetic")
+    lines = [
+        "| build | seed, flat (s) | llm2wasm layers + checks (s) | layers / flat |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {name} | {flat:.1f} | {layered:.1f} | {layered / flat:.2f} |" for name, (flat, layered) in builds.items()
+    ]
+    lines += [
+        "",
+        "| measure | value | target |",
+        "| --- | --- | --- |",
+        f"| `invoke verify` of every layer | {verify_seconds:.1f} s | <= 60 s |",
+        f"| verify column of the cold build (sum) | {verify_in_build:.1f} s | |",
+        f"| rebuild after a change to src/ / cold build | {src_change / cold:.3f} | <= 0.05 |",
+        f"| image size, flat seed-style / llm2wasm app | {flat_gb:.2f} GB / {layered_gb:.2f} GB "
+        f"({layered_gb / flat_gb:.2f}) | |",
+        "",
+    ]
+    return lines
 
 
 def touch_conversion_code() -> None:
@@ -170,28 +232,14 @@ def browser(image: str) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-builds", action="store_true")
+    parser.add_argument("--only-builds", action="store_true", help="no conversions and no browser")
     args = parser.parse_args()
     mirror.up()
     lines = [f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} ({os.cpu_count()} cores)", ""]
     if not args.skip_builds:
-        builds = {
-            "cold": (flat_build(True), layered_build(True)),
-            "warm, nothing changed": (flat_build(False), layered_build(False)),
-        }
-        touch_conversion_code()
-        try:
-            builds["after a change to src/"] = (flat_build(False), layered_build(False))
-        finally:
-            (ROOT / "src" / "llm2wasm" / "convert" / "_bench_marker.py").unlink(missing_ok=True)
-        lines += [
-            "| build | seed, flat (s) | llm2wasm layers + checks (s) | layers / flat |",
-            "| --- | --- | --- | --- |",
-        ]
-        lines += [
-            f"| {name} | {flat:.1f} | {layered:.1f} | {layered / flat:.2f} |"
-            for name, (flat, layered) in builds.items()
-        ]
-        lines.append("")
+        lines += build_rows()
+    if args.only_builds:
+        return record(lines)
     # the chain this run built, or with --skip-builds the one `invoke build --profile hermetic` made
     image = "llm2wasm:app-hermetic" if args.skip_builds else "llm2wasm-bench:app-hermetic"
     runs = conversions(image)
@@ -200,6 +248,10 @@ def main() -> int:
     lines += ["| conversion (real mlc_llm, tiny Llama, q4f32_1) | seconds | vs sequential |", "| --- | --- | --- |"]
     lines += [f"| {name} | {seconds:.1f} | {seconds / sequential:.2f} |" for name, seconds in runs.items()]
     lines += ["", *browser_lines]
+    return record(lines)
+
+
+def record(lines: list[str]) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     with open(ROOT / "bench" / "results.md", "a") as handle:

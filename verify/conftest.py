@@ -103,10 +103,10 @@ def exec_(container) -> Exec:
     return Exec(container)
 
 
-# Two interpreters for the heavy imports (torch; TVM with mlc_llm take seconds each), run side by
-# side: every probe records its own result or error, so each check still passes or fails on its own.
+# One interpreter for the heavy imports (torch, TVM, mlc_llm take seconds each): every probe records
+# its own result or error, so each check still passes or fails on its own.
 PYTHON_PROBE = r"""
-import importlib, json, sys, traceback
+import contextlib, importlib, io, json, runpy, sys, traceback
 facts = {}
 def probe(name, func):
     try:
@@ -119,6 +119,17 @@ def ml_libraries():
 def tvm_and_mlc_llm():
     import tvm, mlc_llm
     return tvm.__version__
+def mlc_llm_cli_help():
+    # `python -m mlc_llm --help`, in this interpreter: mlc_llm is imported already
+    out = io.StringIO()
+    sys.argv = ["mlc_llm", "--help"]
+    with contextlib.redirect_stdout(out):
+        try:
+            runpy.run_module("mlc_llm", run_name="__main__", alter_sys=True)
+        except SystemExit as exit:
+            if exit.code not in (0, None):
+                raise
+    return out.getvalue()
 def libinfo_commit():
     import tvm
     return dict(tvm.support.libinfo()).get("GIT_COMMIT_HASH")
@@ -130,31 +141,19 @@ def patched_helper():
         except ImportError:
             continue
     return [module.llm2wasm_runtime_lib(bc) for bc in ("wasm_runtime.bc", "tvmjs_support.bc", "webgpu_runtime.bc")]
-for name in sys.argv[1:]:
-    probe(name, globals()[name])
+for name, func in [("ml_libraries", ml_libraries), ("tvm_and_mlc_llm", tvm_and_mlc_llm),
+                   ("mlc_llm_cli_help", mlc_llm_cli_help), ("libinfo_commit", libinfo_commit),
+                   ("patched_helper", patched_helper)]:
+    probe(name, func)
 print(json.dumps(facts))
 """
-PROBE_GROUPS = (("ml_libraries",), ("tvm_and_mlc_llm", "libinfo_commit", "patched_helper"))
 
 
 @pytest.fixture(scope="session")
-def python_facts(container) -> dict:
-    procs = [
-        subprocess.Popen(
-            ["docker", "exec", "-i", container, "python", "-", *group],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for group in PROBE_GROUPS
-    ]
-    facts = {}
-    for proc in procs:
-        out, err = proc.communicate(PYTHON_PROBE, timeout=300)
-        assert proc.returncode == 0, err
-        facts.update(json.loads(out.strip().splitlines()[-1]))
-    return facts
+def python_facts(exec_) -> dict:
+    result = exec_.python(PYTHON_PROBE, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

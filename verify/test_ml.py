@@ -39,8 +39,9 @@ def test_tvm_and_mlc_llm_import_together(python_facts):
     assert python_facts["tvm_and_mlc_llm"]["ok"], python_facts["tvm_and_mlc_llm"]["error"]
 
 
-def test_mlc_llm_cli_lists_subcommands(host):
-    out = host.check_output("python -m mlc_llm --help")
+def test_mlc_llm_cli_lists_subcommands(python_facts):
+    assert python_facts["mlc_llm_cli_help"]["ok"], python_facts["mlc_llm_cli_help"]["error"]
+    out = python_facts["mlc_llm_cli_help"]["value"]
     for subcommand in ("compile", "convert_weight", "gen_config"):
         assert subcommand in out
 

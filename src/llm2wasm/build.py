@@ -127,7 +127,7 @@ def build_plan(
             verified, verify_seconds = "cached", 0.0
         else:
             selection = select_checks(name, image_id, parent_tag, STATE_DIR / "manifests")
-            if parent_tag is None:
+            if not selection.has_parents:
                 scope = "its checks"
             elif selection.parents_carried_over:
                 scope = "its own checks; it changed nothing its parents' checks look at, so theirs carry over"

@@ -817,7 +817,7 @@ def _judge(
             pins,
             False,
             f"{pin} {shown} has no {target.python_tag} wheel for {platform_words} in {where}; "
-            f"{', '.join(interpreters)} exist",
+            f"{', '.join(interpreters)} exist{'s' if len(interpreters) == 1 else ''}",
             fix,
             where,
         )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,9 @@ from .layers import ancestors
 from .pins import PROJECT_ROOT, Profile
 
 VERIFY_DIR = PROJECT_ROOT / "verify"
+# Images checked at once by `invoke verify`: each check session is mostly one Python process
+# importing torch/TVM, so two keep both cores of a small machine busy.
+VERIFY_WORKERS = int(os.environ.get("LLM2WASM_VERIFY_WORKERS", "2"))
 
 
 @dataclass(frozen=True)
@@ -45,10 +50,11 @@ class CheckSelection:
     modules: list[Path]
     # why the parents' checks run again on this image; empty when they carry over
     reasons: list[str]
+    has_parents: bool = True
 
     @property
     def parents_carried_over(self) -> bool:
-        return not self.reasons
+        return self.has_parents and not self.reasons
 
 
 def select_checks(layer: str, image: str, parent_image: str | None, cache_dir: Path) -> CheckSelection:
@@ -57,7 +63,7 @@ def select_checks(layer: str, image: str, parent_image: str | None, cache_dir: P
     parents' checks passed on the parent image, so when nothing they look at changed they carry over."""
     own = check_modules(layer, own_only=True)
     if parent_image is None:
-        return CheckSelection(own, [])
+        return CheckSelection(own, [], has_parents=False)
     from .layerdiff import parent_check_reasons
 
     reasons = parent_check_reasons(parent_image, image, cache_dir)
@@ -95,21 +101,33 @@ def verify_built(
                 f"image {tag} not found: build it first with "
                 f"`invoke build --profile {profile.name} --until {entry.name}{where}`"
             )
-    all_passed = True
+    if own_only or layer or full:
+        for entry in entries:
+            modules = check_modules(entry.name, own_only=own_only)
+            yield run_checks(entry.tag(profile.name, repository), entry.name, profile, modules=modules), None
+        return
+    # Every layer: the selections first (cheap once the manifests are cached), then the checks of
+    # several images side by side (each in its own container and pytest process).
+    selections = []
     for entry in entries:
-        tag = entry.tag(profile.name, repository)
-        selection = None
-        if own_only:
-            modules = check_modules(entry.name, own_only=True)
-        elif layer or full or not all_passed:
-            modules = check_modules(entry.name)
-        else:
-            parent_tag = get_layer(entry.parent).tag(profile.name, repository) if entry.parent else None
-            selection = select_checks(entry.name, tag, parent_tag, cache_dir)
-            modules = selection.modules
-        result = run_checks(tag, entry.name, profile, modules=modules)
-        all_passed = all_passed and result.passed
-        yield result, selection
+        parent_tag = get_layer(entry.parent).tag(profile.name, repository) if entry.parent else None
+        selections.append(select_checks(entry.name, entry.tag(profile.name, repository), parent_tag, cache_dir))
+    failed: set[str] = set()
+    with ThreadPoolExecutor(max_workers=max(1, min(VERIFY_WORKERS, len(entries)))) as pool:
+        futures = [
+            pool.submit(run_checks, entry.tag(profile.name, repository), entry.name, profile, modules=selection.modules)
+            for entry, selection in zip(entries, selections, strict=True)
+        ]
+        for entry, selection, future in zip(entries, selections, futures, strict=True):
+            result = future.result()
+            parents = {step.name for step in ancestors(entry.name)[:-1]}
+            if parents & failed and selection.parents_carried_over:
+                # the parents' results this layer relied on did not hold: run every check here
+                selection = CheckSelection(check_modules(entry.name), ["a parent failed its checks"])
+                result = run_checks(entry.tag(profile.name, repository), entry.name, profile, modules=selection.modules)
+            if not result.passed:
+                failed.add(entry.name)
+            yield result, selection
 
 
 def run_checks(

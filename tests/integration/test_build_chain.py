@@ -22,6 +22,19 @@ def test_every_layer_built_verified_and_tagged(hermetic_chain):
         assert f"==> [{index}/{len(LAYERS)}] {name}: building" in hermetic_chain
         assert f"<== [{index}/{len(LAYERS)}] {name}: llm2wasm:{name}-{HERMETIC} ready" in hermetic_chain
         assert image_exists(f"llm2wasm:{name}-{HERMETIC}")
+    # the build checked the pins first
+    assert "<== preflight:" in hermetic_chain and "checks passed" in hermetic_chain
+    # the app layer (rebuilt on every change under src/) adds files only, so its parents' checks carry over
+    assert "app: verifying (testinfra: its own checks; it changed nothing its parents' checks look at" in hermetic_chain
+
+
+def test_verify_every_layer_on_demand(hermetic_chain):
+    result = invoke("verify", "--profile", HERMETIC)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
+    assert all("PASS" in lines[name] for name in LAYER_NAMES)
+    assert "parents' checks carried over" in lines["app"]
+    assert "with parents' checks" in lines["runtime-env"]  # it sets the user, the environment and patches TVM
 
 
 def test_unchanged_layers_are_not_verified_again(hermetic_chain, hermetic_mirror, tmp_path):
@@ -72,6 +85,18 @@ BREAKAGES = {
         "ENV LD_LIBRARY_PATH=/usr/local/cuda/lib64",
         "test_path_entries_in_metadata_exist",
     ),
+    # A child that breaks what a parent's checks look at, in the layer whose parents' checks
+    # otherwise carry over (the app layer): the parents' checks must run again and catch it.
+    "child-uninstalls-torch": (
+        "app",
+        "USER 0\nRUN pip uninstall --yes torch\nUSER 10001:10001",
+        "test_ml_libraries_import",
+    ),
+    "child-removes-a-path-directory": (
+        "app",
+        "USER 0\nRUN rm -rf /usr/local/sbin\nUSER 10001:10001",
+        "test_path_entries_in_metadata_exist",
+    ),
 }
 
 
@@ -91,6 +116,8 @@ def test_broken_layer_stops_the_build(hermetic_chain, hermetic_mirror, tmp_path,
         assert result.returncode == 1, output
         assert f"build stopped at layer '{layer}': checks failed" in output
         assert check in output and "FAILED" in output
+        if kind.startswith("child-"):
+            assert f"{layer}: verifying (testinfra: its checks and its parents' again (removed /" in output
         position = LAYER_NAMES.index(layer)
         for before in LAYER_NAMES[:position]:
             assert image_exists(f"{repository}:{before}-{HERMETIC}"), before
