@@ -126,6 +126,7 @@ def build_plan(
             reporter.say(f"    {name}: unchanged image already passed these checks; not verified again")
             verified, verify_seconds = "cached", 0.0
         else:
+            verify_started = time.monotonic()
             selection = select_checks(name, image_id, parent_tag, STATE_DIR / "manifests")
             if not selection.has_parents:
                 scope = "its checks"
@@ -141,7 +142,8 @@ def build_plan(
                 modules=selection.modules,
                 junit_dir=STATE_DIR / "reports" / plan.profile.name,
             )
-            verify_seconds = result.seconds
+            # the comparison with the parent image counts as verification time too
+            verify_seconds = time.monotonic() - verify_started
             if not result.passed:
                 state.forget(name, image_id)
                 kept = keep_failed_image(image_id, step.tag)
@@ -154,13 +156,22 @@ def build_plan(
                 raise BuildFailed(name, f"checks failed: {result.summary}", result.output)
             state.record(name, image_id, digest)
             verified = "passed"
-            reporter.say(f"    {name}: checks passed ({result.summary}) in {result.seconds:.1f}s")
-        docker.tag(image_id, step.tag)
+            reporter.say(f"    {name}: checks passed ({result.summary}) in {verify_seconds:.1f}s")
+        retag(image_id, step.tag)
         results.append(LayerResult(name, step.tag, image_id, build_seconds, verify_seconds, verified))
         reporter.say(
             f"<== [{index}/{total}] {name}: {step.tag} ready (build {build_seconds:.1f}s, verify {verify_seconds:.1f}s)"
         )
     return results
+
+
+def retag(image_id: str, tag: str) -> None:
+    """Point the layer's tag at the new image and remove the image it pointed at before, unless
+    something else (another tag, a container) still uses it: rebuilds do not pile up untagged images."""
+    previous = docker.image_id(tag)
+    docker.tag(image_id, tag)
+    if previous and previous != image_id:
+        docker.remove_if_unused(previous)
 
 
 def failed_tag(tag: str) -> str:
@@ -173,8 +184,5 @@ def keep_failed_image(image_id: str, tag: str) -> str:
     """Tag a layer image that failed its checks for inspection, replacing (and removing) the image
     the same layer failed with before, so failed builds do not pile up untagged images."""
     kept = failed_tag(tag)
-    previous = docker.image_id(kept)
-    docker.tag(image_id, kept)
-    if previous and previous != image_id:
-        docker.remove_if_unused(previous)
+    retag(image_id, kept)
     return kept

@@ -5,6 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from packaging.requirements import Requirement
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+
 UNKNOWN_COMMITS = {"", "NOT-FOUND", "NOT_FOUND", "UNKNOWN", "NONE"}
 
 
@@ -42,18 +47,21 @@ def emcc_version(first_line: str) -> str | None:
 
 def requirement_pin(requirement: str) -> tuple[str, str | None]:
     """'mlc-ai-cu128==0.20.0' -> ('mlc-ai-cu128', '0.20.0'); 'mlc-llm-nightly-cu128' -> (name, None)."""
-    name, sep, version = requirement.partition("==")
-    name = re.split(r"[<>!~\[; ]", name, maxsplit=1)[0].strip()
-    return normalize(name), (version.strip() or None) if sep else None
+    parsed = Requirement(requirement)
+    exact = [spec.version for spec in parsed.specifier if spec.operator in ("==", "===")]
+    return normalize(parsed.name), exact[0] if exact else None
 
 
 def normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+    return canonicalize_name(name)
 
 
 def version_matches(installed: str, pinned: str) -> bool:
-    """Exact, allowing a pinned public version to match an installed local build ('2.13.0+cpu')."""
-    return installed == pinned or ("+" not in pinned and installed.split("+")[0] == pinned)
+    """PEP 440 ==: a pinned public version matches an installed local build ('2.13.0+cpu')."""
+    try:
+        return Version(installed) in SpecifierSet(f"=={pinned}")
+    except (InvalidVersion, InvalidSpecifier):
+        return installed == pinned
 
 
 @dataclass(frozen=True)

@@ -28,3 +28,13 @@ def test_the_same_failed_image_again_removes_nothing(monkeypatch):
     monkeypatch.setattr(build.docker, "remove_if_unused", lambda image: calls.append("rm"))
     build.keep_failed_image("sha256:same", "llm2wasm:app-cpu")
     assert calls == ["tag"]
+
+
+def test_a_rebuilt_layer_removes_the_image_its_tag_pointed_at(monkeypatch):
+    calls = []
+    images = {"llm2wasm:ml-cpu": "sha256:old"}
+    monkeypatch.setattr(build.docker, "image_id", lambda ref: images.get(ref))
+    monkeypatch.setattr(build.docker, "tag", lambda source, target: calls.append(("tag", source, target)))
+    monkeypatch.setattr(build.docker, "remove_if_unused", lambda image: calls.append(("rm", image)))
+    build.retag("sha256:new", "llm2wasm:ml-cpu")
+    assert calls == [("tag", "sha256:new", "llm2wasm:ml-cpu"), ("rm", "sha256:old")]
