@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,9 +78,16 @@ def check_host(path: Path = Path(".")) -> list[Finding]:
 
 
 def report(findings: list[Finding]) -> tuple[str, bool]:
+    return report_lines((finding.ok, finding.what, finding.fix) for finding in findings)
+
+
+def report_lines(items: Iterable[tuple[bool, str, str]]) -> tuple[str, bool]:
+    """'ok  what' / 'NO  what' with the fix under each problem (the host checks and the preflight); all ok?"""
     lines = []
-    for finding in findings:
-        lines.append(f"{'ok ' if finding.ok else 'NO '} {finding.what}")
-        if not finding.ok and finding.fix:
-            lines.append(f"     fix: {finding.fix}")
-    return "\n".join(lines), all(finding.ok for finding in findings)
+    healthy = True
+    for ok, what, fix in items:
+        lines.append(f"{'ok ' if ok else 'NO '} {what}")
+        if not ok and fix:
+            lines.append(f"     fix: {fix}")
+        healthy = healthy and ok
+    return "\n".join(lines), healthy

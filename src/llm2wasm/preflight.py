@@ -1069,14 +1069,10 @@ def run_preflight(
 
 
 def format_results(results: Iterable[PreflightResult]) -> tuple[str, bool]:
-    """The report doctor prints too: 'ok  ...' / 'NO  ...' with the fix under each problem; and all ok?"""
-    results = list(results)
-    lines = []
-    for result in results:
-        lines.append(f"{'ok ' if result.ok else 'NO '} {result.message}")
-        if not result.ok and result.fix:
-            lines.append(f"     fix: {result.fix}")
-    return "\n".join(lines), all(result.ok for result in results)
+    """In doctor's layout: 'ok  ...' / 'NO  ...' with the fix under each problem; and all ok?"""
+    from .doctor import report_lines
+
+    return report_lines((result.ok, result.message, result.fix) for result in results)
 
 
 def for_layers(results: Iterable[PreflightResult], layer_names: Iterable[str]) -> list[PreflightResult]:

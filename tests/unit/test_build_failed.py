@@ -1,6 +1,20 @@
-"""A layer that failed its checks is kept as one inspectable image that replaces the one before."""
+"""A layer that failed its checks is kept as one inspectable image that replaces the one before;
+a rebuilt layer's tag moves and the image it pointed at goes."""
+
+import pytest
 
 from llm2wasm import build
+
+
+@pytest.fixture
+def fake_docker(monkeypatch):
+    """Tags in a dict; the docker calls recorded in order."""
+    images: dict[str, str] = {}
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(build.docker, "image_id", lambda ref: images.get(ref))
+    monkeypatch.setattr(build.docker, "tag", lambda source, target: calls.append(("tag", source, target)))
+    monkeypatch.setattr(build.docker, "remove_if_unused", lambda image: calls.append(("rm", image)))
+    return images, calls
 
 
 def test_failed_tag_names_the_layer_and_profile():
@@ -11,30 +25,28 @@ def test_failed_tag_names_the_layer_and_profile():
     )
 
 
-def test_the_previous_failed_image_is_replaced_and_removed(monkeypatch):
-    calls = []
-    images = {"llm2wasm-failed:emsdk-stable": "sha256:old"}
-    monkeypatch.setattr(build.docker, "image_id", lambda ref: images.get(ref))
-    monkeypatch.setattr(build.docker, "tag", lambda source, target: calls.append(("tag", source, target)))
-    monkeypatch.setattr(build.docker, "remove_if_unused", lambda image: calls.append(("rm", image)))
+def test_the_previous_failed_image_is_replaced_and_removed(fake_docker):
+    images, calls = fake_docker
+    images["llm2wasm-failed:emsdk-stable"] = "sha256:old"
     assert build.keep_failed_image("sha256:new", "llm2wasm:emsdk-stable") == "llm2wasm-failed:emsdk-stable"
     assert calls == [("tag", "sha256:new", "llm2wasm-failed:emsdk-stable"), ("rm", "sha256:old")]
 
 
-def test_the_same_failed_image_again_removes_nothing(monkeypatch):
-    calls = []
-    monkeypatch.setattr(build.docker, "image_id", lambda ref: "sha256:same")
-    monkeypatch.setattr(build.docker, "tag", lambda source, target: calls.append("tag"))
-    monkeypatch.setattr(build.docker, "remove_if_unused", lambda image: calls.append("rm"))
+def test_the_same_failed_image_again_removes_nothing(fake_docker):
+    images, calls = fake_docker
+    images["llm2wasm-failed:app-cpu"] = "sha256:same"
     build.keep_failed_image("sha256:same", "llm2wasm:app-cpu")
-    assert calls == ["tag"]
+    assert calls == [("tag", "sha256:same", "llm2wasm-failed:app-cpu")]
 
 
-def test_a_rebuilt_layer_removes_the_image_its_tag_pointed_at(monkeypatch):
-    calls = []
-    images = {"llm2wasm:ml-cpu": "sha256:old"}
-    monkeypatch.setattr(build.docker, "image_id", lambda ref: images.get(ref))
-    monkeypatch.setattr(build.docker, "tag", lambda source, target: calls.append(("tag", source, target)))
-    monkeypatch.setattr(build.docker, "remove_if_unused", lambda image: calls.append(("rm", image)))
+def test_a_rebuilt_layer_removes_the_image_its_tag_pointed_at(fake_docker):
+    images, calls = fake_docker
+    images["llm2wasm:ml-cpu"] = "sha256:old"
     build.retag("sha256:new", "llm2wasm:ml-cpu")
     assert calls == [("tag", "sha256:new", "llm2wasm:ml-cpu"), ("rm", "sha256:old")]
+
+
+def test_a_first_build_removes_nothing(fake_docker):
+    _, calls = fake_docker
+    build.retag("sha256:new", "llm2wasm:ml-cpu")
+    assert calls == [("tag", "sha256:new", "llm2wasm:ml-cpu")]
