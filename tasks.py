@@ -343,8 +343,8 @@ def test(c, unit=False, k=None):
     c.run(f"{sys.executable} -m pytest {' '.join(args)}", pty=False)
 
 
-@task(help={"action": "up (default), down or status"})
-def mirror(c, action="up"):
+@task(help={"action": "up, down or status"})
+def mirror(c, action):
     """Start or stop the hermetic local mirror (wheelhouse, git repositories, Debian base image)."""
     c.run(f"{sys.executable} {ROOT / 'tests' / 'hermetic' / 'mirror.py'} {action}")
 

@@ -8,7 +8,7 @@ Llama converted with weight conversion and compilation one after the other again
 the library linked at emcc's -O0 instead of TVM's -O3 (EMCC_CFLAGS, emscripten's own environment
 variable), and a re-run (resume).
 
-    python bench/bench.py [--skip-builds | --only-builds]      (needs `invoke mirror` running)
+    python bench/bench.py [--skip-builds | --only-builds]      (starts the mirror itself, like `invoke mirror up`)
 Results are appended to bench/results.md.
 """
 
