@@ -17,16 +17,21 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from packaging.version import Version
 
+from llm2wasm import preflight as preflight_module
+from llm2wasm.errors import UsageError
+from llm2wasm.layers import LAYERS
 from llm2wasm.pins import Profile, resolve_profile
 from llm2wasm.preflight import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     PYPI_SIMPLE,
     PreflightResult,
+    for_layers,
     format_results,
     nearest_versions,
     parse_image_reference,
     parse_pip_options,
+    preflight_or_stop,
     run_preflight,
 )
 
@@ -677,3 +682,31 @@ def test_unreachable_sources_give_one_short_cannot_reach_each_quickly(server, gi
     assert by_source[f"http://127.0.0.1:{npm}"].pins == ("npm_registry", "webllm_version", "webllm_integrity")
     assert by_source[f"git://127.0.0.1:{git_port}/emsdk"].pins == ("emsdk_repo", "emsdk_ref")
     assert all(result.fix for result in results)
+
+
+def test_a_build_until_a_layer_is_stopped_only_by_the_pins_it_uses():
+    results = [
+        PreflightResult(("base_image",), False, "base"),
+        PreflightResult(("webllm_version",), False, "npm"),  # only the app layer uses it
+        PreflightResult(("python_version",), False, "python"),
+        PreflightResult(("mlc_ai_requirement", "wgsl_validator_requirement"), False, "one index for ml and app"),
+    ]
+    kept = [result.message for result in for_layers(results, ["base", "python", "ml"])]
+    assert kept == ["base", "python", "one index for ml and app"]
+    assert len(for_layers(results, [layer.name for layer in LAYERS])) == len(results)
+
+
+def test_the_build_stops_with_exit_2_naming_each_bad_pin(monkeypatch):
+    bad = PreflightResult(("mlc_llm_ref",), False, "mlc_llm_ref v0.20.1: no such tag", "pin an existing tag")
+    monkeypatch.setattr(preflight_module, "run_preflight", lambda profile: [bad])
+    said: list[str] = []
+    with pytest.raises(UsageError) as raised:
+        preflight_or_stop(resolve_profile("stable"), ["base", "python", "ml", "emsdk", "web-runtime"], said.append)
+    assert raised.value.exit_code == 2
+    assert "nothing was built" in str(raised.value) and "NO  mlc_llm_ref v0.20.1: no such tag" in str(raised.value)
+    assert "fix: pin an existing tag" in str(raised.value) and "--no-preflight" in str(raised.value)
+    monkeypatch.setattr(
+        preflight_module, "run_preflight", lambda profile: [PreflightResult(("base_image",), True, "ok")]
+    )
+    preflight_or_stop(resolve_profile("stable"), ["base"], said.append)
+    assert said[-1].startswith("<== preflight: 1 checks passed")
