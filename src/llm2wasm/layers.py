@@ -74,6 +74,7 @@ LAYERS: tuple[Layer, ...] = (
             "EMSDK_REPO": "emsdk_repo",
             "EMSDK_REF": "emsdk_ref",
             "EMSDK_VERSION": "emsdk_version",
+            "EMSDK_DOWNLOADS_URL": "emsdk_downloads_url",
         },
     ),
     Layer(

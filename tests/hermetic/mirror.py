@@ -9,9 +9,13 @@
   containers cannot verify TLS here) as a flat page (--find-links) and a PEP 503 index (/simple/),
   beside the pinned @mlc-ai/web-llm tarball and its package document at the npm registry's paths;
 * git repositories served by `git daemon`: the real mlc-llm (79d603f0, plus one compatibility
-  commit, tagged), apache/tvm v0.26.0 and apache/tvm-ffi, made from the upstream archives in
-  shared/upstream (sha256-checked) with their submodule links pointing at each other; and the
-  emsdk stand-in (tests/standins/emsdk), because emsdk's installer downloads its SDK.
+  commit, tagged), apache/tvm v0.26.0, apache/tvm-ffi and emsdk at tag 3.1.56, made from the
+  upstream archives in shared/upstream (sha256-checked) with their submodule links pointing at each
+  other;
+* the two archives `emsdk install 3.1.56` downloads (the SDK's wasm-binaries and node 16.20.0),
+  which cannot be had here: stand-ins (tests/standins/emsdk-downloads) packed under the names and
+  in the layout of the real ones, served with a SHA256SUMS file for the emsdk layer's
+  `emsdk_downloads_url` pin.
 
 Everything is cached under $LLM2WASM_HERMETIC_CACHE (default ~/.cache/llm2wasm-hermetic).
 Usage: python tests/hermetic/mirror.py up | down | status
@@ -157,6 +161,8 @@ class UpstreamArchive:
     commit: str
     file: str
     sha256: str
+    # The folder every path in the archive starts with ("" when none), left out when unpacking.
+    top_folder: str = ""
 
 
 UPSTREAM = {
@@ -181,7 +187,16 @@ UPSTREAM = {
         "tvm-ffi-12dbf053.tar.xz",
         "650be55490702560af5afc07abb08f553c1f67688f0f52f36ab3f4c1f174515b",
     ),
+    "emsdk": UpstreamArchive(
+        "emsdk",
+        "emscripten-core/emsdk",
+        "e10826f9196bb0e704014af2252ef58fb4ba261b",
+        "emsdk-3.1.56.tar.xz",
+        "57dcad68fdd4871766399114ec6f348a8c6f5a49747506f0c7b926cf460883c0",
+        top_folder="emsdk-3.1.56",
+    ),
 }
+EMSDK_TAG = "3.1.56"
 # The compatibility commit on top of mlc-llm, and the tag the hermetic profile pins (mlc_llm_ref).
 COMPAT_PATCH = HERE / "mlc-llm-tvm-0.26-compat.patch"
 MLC_LLM_TAG = "79d603f0-tvm-0.26-compat"
@@ -376,6 +391,7 @@ def ensure_wheelhouse(mlc_llm_python: Path) -> Path:
         stamp.write_text(json.dumps(wanted))
     build_local_wheels(wheelhouse, mlc_llm_python)
     ensure_webllm(wheelhouse)
+    ensure_emsdk_downloads(wheelhouse)
     write_simple_index(wheelhouse)
     return wheelhouse
 
@@ -422,6 +438,76 @@ def ensure_webllm(wheelhouse: Path) -> Path:
         "versions": {version: {"name": "@mlc-ai/web-llm", "version": version, "dist": {"integrity": integrity}}},
     }
     (target.parent.parent / "index.html").write_text(json.dumps(packument))
+    return target
+
+
+def emsdk_download_names() -> tuple[str, str]:
+    """The file names `emsdk install EMSDK_TAG` stores its two downloads under, read from the real
+    emsdk checkout: `<release hash>-wasm-binaries.tar.xz` (emscripten-releases-tags.json, the
+    manifest's download_prefix) and the linux-x64 node archive its SDK uses (emsdk_manifest.json)."""
+    with tempfile.TemporaryDirectory(prefix="llm2wasm-emsdk-") as tmp:
+        unpack_upstream(UPSTREAM["emsdk"], Path(tmp), "emscripten-releases-tags.json", "emsdk_manifest.json")
+        release = json.loads((Path(tmp) / "emscripten-releases-tags.json").read_text())["releases"][EMSDK_TAG]
+        manifest = json.loads((Path(tmp) / "emsdk_manifest.json").read_text())
+    sdk = next(s for s in manifest["sdks"] if s["version"] == "releases-%releases-tag%" and s.get("bitness") == 64)
+    node_name = next(u for u in sdk["uses"] if u.startswith("node-"))
+    node = next(
+        t
+        for t in manifest["tools"]
+        if f"{t['id']}-{t['version']}-{t['bitness']}bit" == node_name and t.get("arch", "x86_64") == "x86_64"
+    )
+    return f"{release}-wasm-binaries.tar.xz", node["linux_url"]
+
+
+def ensure_emsdk_downloads(wheelhouse: Path) -> Path:
+    """STAND-INS for the two archives emsdk's installer downloads from Google's storage (unreachable
+    here), laid out as the real ones: the SDK's `install/` tree (bin/clang, emscripten/emcc with
+    emscripten-version.txt and node_modules) and node's `node-vX-linux-x64/bin`. Their tools are the
+    scripts in tests/standins/emsdk-downloads. Served with a SHA256SUMS file, the form the emsdk
+    layer's `emsdk_downloads_url` pin reads; the real emsdk script installs and activates them."""
+    target = wheelhouse / "emsdk-downloads"
+    tools = STANDINS / "emsdk-downloads"
+    wanted = content_digest(folder_files(tools, "emsdk-downloads")) + UPSTREAM["emsdk"].sha256
+    stamp = target / ".llm2wasm-stamp"
+    if stamp.exists() and stamp.read_text() == wanted:
+        return target
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir()
+    sdk_name, node_name = emsdk_download_names()
+    node_folder = node_name.removesuffix(".tar.xz")
+    node_version = node_folder.split("-")[1].removeprefix("v")
+    layouts = {
+        sdk_name: {
+            "install/bin/clang": "clang",
+            "install/emscripten/emcc": "emcc",
+            "install/emscripten/emscripten-version.txt": f'"{EMSDK_TAG}"\n',
+            "install/emscripten/node_modules/.package-lock.json": "{}\n",
+        },
+        node_name: {
+            f"{node_folder}/bin/node": "node",
+            f"{node_folder}/bin/npm": "npm",
+            f"{node_folder}/bin/.node-version": node_version + "\n",
+        },
+    }
+    sums = []
+    with tempfile.TemporaryDirectory(prefix="llm2wasm-emsdk-downloads-") as tmp:
+        for archive, files in layouts.items():
+            tree = Path(tmp) / archive
+            for inside, source in files.items():
+                path = tree / inside
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if (tools / source).is_file():
+                    shutil.copyfile(tools / source, path)
+                    path.chmod(0o755)
+                else:
+                    path.write_text(source)
+            top = next(iter(files)).split("/")[0]
+            run(["tar", "-C", str(tree), "--owner=0", "--group=0", "-cJf", str(target / archive), top])
+            sums.append(f"{sha256_of(target / archive)}  {archive}\n")
+    (target / "SHA256SUMS").write_text("".join(sums))
+    stamp.write_text(wanted)
+    log(f"emsdk download stand-ins: {', '.join(layouts)}")
     return target
 
 
@@ -494,17 +580,24 @@ def add_gitlink(work: Path, path: str, commit: str, url: str) -> None:
     git("config", "-f", ".gitmodules", f"{section}.url", url, cwd=work)
 
 
+def unpack_upstream(archive: UpstreamArchive, target: Path, *members: str) -> None:
+    strip = ["--strip-components=1"] if archive.top_folder else []
+    names = [f"{archive.top_folder}/{m}" if archive.top_folder else m for m in members]
+    run(["tar", "-C", str(target), *strip, "-xJf", str(checked_archive(archive)), *names])
+
+
 def upstream_repo(tmp: Path, archive: UpstreamArchive, submodules: dict[str, tuple[str, str]]) -> str:
     """A bare repository `base/NAME.git` whose main is the archive's tree, with `submodules`
     (path -> (mirror repository, commit)) as gitlinks. Returns its commit."""
     work = tmp / archive.repo
     work.mkdir()
-    run(["tar", "-C", str(work), "-xJf", str(checked_archive(archive))])
+    unpack_upstream(archive, work)
     git("init", "--quiet", cwd=work)
     git("add", "-A", "-f", cwd=work)
     for path, (repo, commit) in submodules.items():
         add_gitlink(work, path, commit, f"../{repo}")
-    git("add", ".gitmodules", cwd=work)
+    if submodules:
+        git("add", ".gitmodules", cwd=work)
     git(
         "commit",
         "--quiet",
@@ -522,16 +615,14 @@ def publish_bare(work: Path, base: Path, name: str) -> None:
 
 def ensure_git_repos(wheelhouse: Path) -> Path:
     """The repositories the hermetic build clones: the real mlc-llm, apache/tvm and apache/tvm-ffi
-    (with the compatibility commit and tag on mlc-llm), dlpack's header, and the emsdk stand-in
-    (emsdk's installer downloads its SDK, which cannot run here). Rebuilt when an input changed."""
+    (with the compatibility commit and tag on mlc-llm), dlpack's header, and the real emsdk at its
+    tag. Rebuilt when an input changed."""
     base = cache_dir() / "git"
     stamp_path = cache_dir() / "git.stamp.json"
-    emsdk_files = folder_files(STANDINS / "emsdk", "emsdk")
     stamp = {
         "archives": {name: a.sha256 for name, a in UPSTREAM.items()},
         "patch": hashlib.sha256(COMPAT_PATCH.read_bytes()).hexdigest(),
-        "emsdk-standin": content_digest(emsdk_files),
-        "layout": 2,
+        "layout": 3,
     }
     if base.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
         return base
@@ -571,13 +662,9 @@ def ensure_git_repos(wheelhouse: Path) -> Path:
         git("tag", "-a", MLC_LLM_TAG, "-m", "mlc-llm 79d603f0 + compatibility with apache-tvm 0.26.0", cwd=mlc)
         publish_bare(mlc, base, "mlc-llm")
 
-        emsdk = tmp / "emsdk"
-        shutil.copytree(STANDINS / "emsdk", emsdk, ignore=shutil.ignore_patterns("__pycache__"))
-        git("init", "--quiet", cwd=emsdk)
-        git("add", "-A", cwd=emsdk)
-        git("commit", "--quiet", "-m", "stand-in for emscripten-core/emsdk", cwd=emsdk)
-        git("tag", "-a", "3.1.56", "-m", "stand-in tag 3.1.56", cwd=emsdk)
-        publish_bare(emsdk, base, "emsdk")
+        upstream_repo(tmp, UPSTREAM["emsdk"], {})
+        git("tag", "-a", EMSDK_TAG, "-m", f"emsdk {EMSDK_TAG}", cwd=tmp / "emsdk")
+        publish_bare(tmp / "emsdk", base, "emsdk")
     stamp_path.write_text(json.dumps(stamp))
     return base
 

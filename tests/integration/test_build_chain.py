@@ -152,8 +152,11 @@ def test_tvm_source_moved_off_the_pinned_commit_is_caught(hermetic_chain, hermet
 
 
 def test_emsdk_source_layer_builds_and_passes_its_checks(hermetic_chain, hermetic_mirror):
-    """The emsdk path of the emsdk layer (what stable, nightly and cpu use), against the emsdk stand-in:
-    emsdk's installer downloads its SDK, which cannot be had here. Built on the verified ml layer."""
+    """The emsdk path of the emsdk layer (what stable, nightly and cpu use) with the real emsdk 3.1.56
+    checkout: its own `emsdk install`, `activate` and `emsdk_env.sh` (which unsets EM_CACHE; the
+    layer stopped at `mkdir -p ""` before that was taken into account). Only the two archives it
+    downloads stand in (emsdk's storage is unreachable here), fetched through the
+    `emsdk_downloads_url` pin. Built on the verified ml layer."""
     repository = "llm2wasm-emsdk-source"
     result = invoke(
         "build",
@@ -166,6 +169,8 @@ def test_emsdk_source_layer_builds_and_passes_its_checks(hermetic_chain, hermeti
         "emscripten_source=emsdk",
         "--set",
         "emsdk_version=3.1.56",
+        "--set",
+        f"emsdk_downloads_url=http://127.0.0.1:{hermetic_mirror.WHEELHOUSE_PORT}/emsdk-downloads",
     )
     try:
         output = result.stdout + result.stderr
@@ -179,6 +184,8 @@ def test_emsdk_source_layer_builds_and_passes_its_checks(hermetic_chain, hermeti
         )
         labels = json.loads(inspected.stdout)
         assert labels["io.llm2wasm.emscripten.source"] == "emsdk" and labels["io.llm2wasm.emsdk.ref"] == "3.1.56"
+        # the real emsdk resolved 3.1.56 to its release build and installed from the archives given
+        assert "Done installing SDK 'sdk-releases-9d106be887796484c4aaffc9dc45f48a8810f336-64bit'" in output
     finally:
         for name in LAYER_NAMES:
             subprocess.run(["docker", "image", "rm", f"{repository}:{name}-{HERMETIC}"], capture_output=True)
