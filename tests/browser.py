@@ -8,10 +8,19 @@ console are recorded (a library whose pipelines the browser rejects still "answe
 from __future__ import annotations
 
 import shutil
+import socket
+import subprocess
 import time
+import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import pytest
+
+from llm2wasm.run import PreviewJob, preview_command
+from tests.conftest import app_image
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/lib/chromium/chromium")
 # WebGPU on the CPU (SwiftShader) needs --enable-unsafe-webgpu; the background-networking flags keep
@@ -128,3 +137,29 @@ def run_preview_page(
         finally:
             browser.close()
     return run
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_preview(bundle: Path) -> tuple[str, str]:
+    """`llm2wasm preview` in the image, as `invoke preview` runs it; returns (url, container name)."""
+    port, name = free_port(), f"llm2wasm-preview-{uuid.uuid4().hex[:8]}"
+    subprocess.Popen(
+        preview_command(PreviewJob(image=app_image(), bundle=bundle, port=port, name=name)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "preview-info.json", timeout=2):
+                return url, name
+        except OSError:
+            time.sleep(0.5)
+    subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    pytest.fail("the preview server did not answer within 60 s")

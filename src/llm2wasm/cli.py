@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .hostpaths import show_host_paths_on_stderr
+
+    show_host_paths_on_stderr()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -19,8 +19,10 @@ from pathlib import Path
 
 from . import docker
 from .errors import UsageError
+from .hostpaths import HOST_PATHS_VARIABLE
 
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+CONTAINER_OUTPUT_ROOT = "/output"
 
 
 @dataclass
@@ -50,6 +52,12 @@ def docker_command(job: ConvertJob) -> tuple[list[str], str]:
     if docker.image_id(job.image) is None:
         raise UsageError(f"image {job.image} not found: build it with `invoke build` (or pass --image)")
     user = job.user or f"{os.getuid()}:{os.getgid()}"
+    # OUT is mounted under its own name, so the bundle's default model id, library name and README
+    # name the user's folder, not the mount point; the container's messages show host paths.
+    container_output = f"{CONTAINER_OUTPUT_ROOT}/{output.name}"
+    shown = {container_output: str(output), "/input/model": str(model_dir)}
+    if job.adapter is not None:
+        shown["/input/adapter"] = str(job.adapter.resolve())
     cmd = [
         docker.docker_bin(),
         "run",
@@ -61,7 +69,9 @@ def docker_command(job: ConvertJob) -> tuple[list[str], str]:
         "-v",
         f"{model_dir}:/input/model:ro",
         "-v",
-        f"{output}:/output",
+        f"{output}:{container_output}",
+        "-e",
+        f"{HOST_PATHS_VARIABLE}={json.dumps(shown)}",
     ]
     if job.adapter is not None:
         cmd += ["-v", f"{job.adapter.resolve()}:/input/adapter:ro"]
@@ -74,7 +84,7 @@ def docker_command(job: ConvertJob) -> tuple[list[str], str]:
             cmd += ["-e", name]  # by name: docker copies the value from our environment
     if sys.stdin.isatty():
         cmd.append("-t")
-    cmd += [job.image, "convert", "/input/model", "--quantization", job.quantization, "-o", "/output"]
+    cmd += [job.image, "convert", "/input/model", "--quantization", job.quantization, "-o", container_output]
     if job.adapter is not None:
         cmd += ["--adapter", "/input/adapter"]
     cmd += job.options

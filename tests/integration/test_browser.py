@@ -21,13 +21,11 @@ import socket
 import subprocess
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 
-from llm2wasm.run import PreviewJob, preview_command
-from tests.browser import chromium_path, run_preview_page
+from tests.browser import chromium_path, free_port, run_preview_page, start_preview
 from tests.conftest import INVOKE, ROOT, app_image, invoke, run_app
 
 ARTIFACTS = Path(os.environ.get("LLM2WASM_TEST_ARTIFACTS", ROOT / "test-artifacts"))
@@ -40,12 +38,6 @@ from llm2wasm.convert.tiny import make_browser_check_model
 reference = make_browser_check_model(Path("/work/model"), steps=%d)
 Path("/work/reference.json").write_text(json.dumps(reference))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -67,26 +59,6 @@ def browser_bundle(hermetic_chain, tmp_path_factory):
     return work, reference, converted
 
 
-def start_preview(bundle: Path) -> tuple[str, str]:
-    """`llm2wasm preview` in the image, as `invoke preview` runs it; returns (url, container name)."""
-    port, name = free_port(), f"llm2wasm-preview-{uuid.uuid4().hex[:8]}"
-    subprocess.Popen(
-        preview_command(PreviewJob(image=app_image(), bundle=bundle, port=port, name=name)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "preview-info.json", timeout=2):
-                return url, name
-        except OSError:
-            time.sleep(0.5)
-    subprocess.run(["docker", "rm", "-f", name], capture_output=True)
-    pytest.fail("the preview server did not answer within 60 s")
-
-
 @pytest.fixture(scope="module")
 def webllm_run(browser_bundle):
     work, reference, _ = browser_bundle
@@ -105,6 +77,18 @@ def webllm_run(browser_bundle):
 def test_the_reference_is_decisive(browser_bundle):
     _, reference, _ = browser_bundle
     assert reference["min_margin"] >= 1.0 and len(set(reference["reference_ids"])) >= 3
+
+
+def test_the_bundle_computes_the_transformers_5_llama(browser_bundle):
+    """The model is saved by the image's transformers 5 (`rope_parameters`, rope base 50000, no
+    top-level `rope_theta`): mlc_llm alone would compile it with the default base 10000."""
+    work, _, converted = browser_bundle
+    config = json.loads((work / "model" / "config.json").read_text())
+    assert "rope_theta" not in config and config["rope_parameters"]["rope_theta"] == 50000.0
+    chat_config = json.loads((work / "bundle" / "model" / "resolve" / "main" / "mlc-chat-config.json").read_text())
+    assert chat_config["model_config"]["position_embedding_base"] == 50000.0
+    assert chat_config["model_config"]["num_key_value_heads"] == 2
+    assert "rope_theta = 50000.0" in converted.stderr
 
 
 def test_conversion_repaired_the_read_write_defect(browser_bundle):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from llm2wasm import run as run_module
@@ -36,19 +38,23 @@ def test_mounts_user_and_token_by_name(monkeypatch, tmp_path, model, image_prese
         )
     )
     assert "hf_secret_value" not in " ".join(cmd)
-    assert cmd[cmd.index("-e") + 1] == "HF_TOKEN"
+    assert "HF_TOKEN" in [cmd[i + 1] for i, a in enumerate(cmd) if a == "-e"]
     assert cmd[cmd.index("--user") + 1] == "1000:1000" and "--gpus" in cmd and "on the GPU" in where
-    assert f"{model.resolve()}:/input/model:ro" in cmd and f"{(tmp_path / 'o').resolve()}:/output" in cmd
+    # OUT mounted under its own name: the bundle's model id and library are named after it
+    assert f"{model.resolve()}:/input/model:ro" in cmd and f"{(tmp_path / 'o').resolve()}:/output/o" in cmd
     assert cmd[cmd.index("img") + 1 :] == [
         "convert",
         "/input/model",
         "--quantization",
         "q4f16_1",
         "-o",
-        "/output",
+        "/output/o",
         "--conv-template",
         "llama-3",
     ]
+    # the container's messages name the host's folders
+    shown = json.loads(next(a for a in cmd if a.startswith("LLM2WASM_HOST_PATHS=")).split("=", 1)[1])
+    assert shown == {"/output/o": str((tmp_path / "o").resolve()), "/input/model": str(model.resolve())}
 
 
 def test_cpu_said_and_no_token_when_unset(monkeypatch, tmp_path, model, image_present):
@@ -57,7 +63,8 @@ def test_cpu_said_and_no_token_when_unset(monkeypatch, tmp_path, model, image_pr
     cmd, where = docker_command(
         ConvertJob(image="img", model_dir=model, output=tmp_path / "o", quantization="q4f16_1", gpu=False)
     )
-    assert "--gpus" not in cmd and "-e" not in cmd and "on the CPU" in where
+    assert "--gpus" not in cmd and "on the CPU" in where
+    assert not {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"} & {cmd[i + 1] for i, a in enumerate(cmd) if a == "-e"}
 
 
 def test_missing_inputs_are_usage_errors(monkeypatch, tmp_path, model):
@@ -70,3 +77,13 @@ def test_missing_inputs_are_usage_errors(monkeypatch, tmp_path, model):
         )
     with pytest.raises(UsageError, match=r"image img not found: build it with `invoke build`"):
         docker_command(ConvertJob(image="img", model_dir=model, output=tmp_path / "o", quantization="q"))
+
+
+def test_container_paths_shown_as_host_paths(monkeypatch, capsys):
+    from llm2wasm import hostpaths
+
+    monkeypatch.setenv(hostpaths.HOST_PATHS_VARIABLE, json.dumps({"/output/foo": "/home/u/dist/foo", "/output": "/x"}))
+    monkeypatch.setattr(hostpaths.sys, "stderr", hostpaths.sys.stderr)
+    hostpaths.show_host_paths_on_stderr()
+    print("Bundle in /output/foo; log /output/foo/.llm2wasm/logs/compile.log", file=hostpaths.sys.stderr)
+    assert capsys.readouterr().err == "Bundle in /home/u/dist/foo; log /home/u/dist/foo/.llm2wasm/logs/compile.log\n"

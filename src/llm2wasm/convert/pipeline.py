@@ -32,6 +32,7 @@ from pathlib import Path
 from .. import __version__
 from ..errors import UsageError
 from .device import choose_device, is_out_of_memory
+from .hfconfig import HfView, ModelConfigAdapter, parity_mismatches
 from .inputs import ConvertRequest, build_request, fingerprint, warn
 from .mlc import installed_names, mlc_command, parse_memory, python_executable
 
@@ -139,8 +140,10 @@ def source_view(model_dir: Path, view: Path) -> Path:
 
 
 class Converter:
-    def __init__(self, request: ConvertRequest):
+    def __init__(self, request: ConvertRequest, model_config: ModelConfigAdapter | None = None):
         self.request = request
+        self.model_config = model_config or ModelConfigAdapter()
+        self.hf: HfView | None = None
         self.ws = Workspace(request.output)
         self.timings: dict[str, str] = {}
         self._device: str | None = None
@@ -191,9 +194,38 @@ class Converter:
         return self._device
 
     def source_dir(self) -> Path:
-        if self.request.adapter is not None:
-            return self.ws.root / "merge" / "model"
+        """The folder mlc_llm reads: links to the model's (or the merged model's) files, with the
+        config.json the installed mlc_llm reads (llm2wasm.convert.hfconfig)."""
         return self.ws.root / "source"
+
+    def prepare_source(self, model_dir: Path) -> str:
+        """Lay out the source view of `model_dir` with its adapted config; returns a key of it."""
+        view = self.source_dir()
+        if view.exists():
+            shutil.rmtree(view)
+        source_view(model_dir, view)
+        config, written, self.hf = self.model_config.adapt(model_dir)
+        if written:
+            say(
+                "  config for mlc_llm (transformers' values, in the keys the installed mlc_llm reads): "
+                + "; ".join(written)
+            )
+        (view / "config.json").unlink()
+        (view / "config.json").write_text(json.dumps(config, indent=2))
+        return key_of(config)
+
+    def check_parity(self, mlc_chat_config: Path, log: Path) -> None:
+        """The hyper-parameters mlc_llm will compile with must be the ones transformers reads."""
+        model_config = json.loads(mlc_chat_config.read_text()).get("model_config", {})
+        mismatches = parity_mismatches(model_config, self.hf)
+        if mismatches:
+            with open(log, "a") as handle:
+                handle.write(
+                    "llm2wasm: parity guard: mlc_llm would compile other hyper-parameters than transformers reads "
+                    f"from the model's config.json ({mlc_chat_config.name} model_config vs AutoConfig):\n"
+                )
+                handle.writelines(f"  {line}\n" for line in mismatches)
+            raise StepFailed("gen_config (parity guard: " + "; ".join(mismatches) + ")", log)
 
     def gen_config(self, tmp: Path) -> None:
         r = self.request
@@ -212,7 +244,9 @@ class Converter:
             cmd += ["--context-window-size", str(r.context_window)]
         if r.prefill_chunk_size:
             cmd += ["--prefill-chunk-size", str(r.prefill_chunk_size)]
-        run_logged("gen_config", cmd, self.ws.logs / "gen_config.log")
+        log = self.ws.logs / "gen_config.log"
+        run_logged("gen_config", cmd, log)
+        self.check_parity(out / "mlc-chat-config.json", log)
 
     def convert_weight(self, tmp: Path) -> None:
         device = self.device()
@@ -299,13 +333,9 @@ class Converter:
         if r.adapter is not None:
             merge_key = key_of(fingerprint(r.model_dir), fingerprint(r.adapter))
             self.step("merge", merge_key, self.merge)
-            source_key = merge_key
+            source_key = key_of(merge_key, self.prepare_source(self.ws.root / "merge" / "model"))
         else:
-            source_key = key_of(fingerprint(r.model_dir))
-            view = self.ws.root / "source"
-            if view.exists():
-                shutil.rmtree(view)
-            source_view(r.model_dir, view)
+            source_key = key_of(fingerprint(r.model_dir), self.prepare_source(r.model_dir))
         config_key = key_of(source_key, names_key)
         self.step("gen_config", config_key, self.gen_config)
         weights_key = key_of(source_key, r.quantization)
@@ -378,7 +408,10 @@ def run_convert(args) -> int:
                 continue
             remove(entry)
     started = time.monotonic()
-    converter = Converter(request)
+    # What cannot be handed to mlc_llm faithfully is refused before anything is written.
+    model_config = ModelConfigAdapter()
+    model_config.check(request.model_dir)
+    converter = Converter(request, model_config)
     converter.device()  # before anything is written: `--device cuda` without a GPU is bad input
     converter.ws.state["request"] = identity
     try:

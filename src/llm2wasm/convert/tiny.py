@@ -21,7 +21,58 @@ def make_tokenizer(out: Path):
     return tokenizer
 
 
+# The architecture matrix: each family as users have it (grouped-query attention, a rope base
+# that is not the default, tied or untied embeddings as the family has them), tiny. head_dim is
+# hidden_size / heads throughout (mlc_llm's qwen2, phi3 and gpt_neox configs assert it).
+TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", {"num_key_value_heads": 2, "rope_theta": 50000.0, "tie_word_embeddings": False}),
+    # Qwen2/Qwen3 come both ways (small ones tied, 7B/8B and up untied); untied here, since a tiny
+    # random tied model only repeats its input token, which proves little in a browser.
+    "qwen2": ("Qwen2Config", {"num_key_value_heads": 2, "rope_theta": 1000000.0, "tie_word_embeddings": False}),
+    "qwen3": (
+        "Qwen3Config",
+        {"num_key_value_heads": 2, "head_dim": 16, "rope_theta": 1000000.0, "tie_word_embeddings": False},
+    ),
+    "mistral": (
+        "MistralConfig",
+        {
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "rope_theta": 1000000.0,
+            "sliding_window": None,
+            "tie_word_embeddings": False,
+        },
+    ),  # fmt: skip
+    "phi3": ("Phi3Config", {"num_key_value_heads": 2, "rope_theta": 30000.0, "tie_word_embeddings": False}),
+    "gpt_neox": ("GPTNeoXConfig", {"rotary_pct": 0.25, "rope_theta": 20000.0, "tie_word_embeddings": False}),
+}
+
+
+def make_tiny_model(out: Path, architecture: str = "llama", seed: int = 0, vocab_size: int = 512) -> Path:
+    """A tiny random model of `architecture`, saved by the installed transformers in its own format."""
+    import torch
+    import transformers
+
+    class_name, family = ARCHITECTURES[architecture]
+    torch.manual_seed(seed)
+    config = getattr(transformers, class_name)(
+        **TINY_SHAPE,
+        **family,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(str(out), safe_serialization=True)
+    make_tokenizer(out)
+    return out
+
+
 def make_tiny_llama(out: Path, seed: int = 0, vocab_size: int = 512) -> Path:
+    """The selftest's Llama: the family's defaults (rope base 10000, no GQA), untied."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -75,11 +126,14 @@ def greedy_reference(model_dir: Path, prompt: str, steps: int) -> dict:
     """transformers' greedy continuation of `prompt` on the CPU, with the margin by which each chosen
     token beat the runner-up (the smallest margin says how safe an id-for-id comparison is)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    # tokenizer.json itself, as WebLLM reads it (transformers 5's AutoTokenizer may pick the
+    # family's own tokenizer class for a model_type, e.g. Qwen2Tokenizer, and ignore it)
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     generated, margins = [], []
     sequence = list(ids)
     with torch.no_grad():
@@ -92,25 +146,37 @@ def greedy_reference(model_dir: Path, prompt: str, steps: int) -> dict:
     return {"prompt": prompt, "prompt_ids": ids, "reference_ids": generated, "min_margin": min(margins)}
 
 
-def make_browser_check_model(out: Path, steps: int = 8, min_margin: float = 1.0) -> dict:
-    """A tiny Llama whose greedy continuation is decisive, for comparing a browser's tokens with
-    transformers' id for id: its vocabulary is exactly the tokenizer's (no id the tokenizer cannot
-    name), its output head is scaled up so the best token beats the runner-up by at least
-    `min_margin` logits at every step (float32 on a GPU differs from the CPU by ~1e-4), and the
-    continuation holds no end-of-sequence token (so both sides generate all `steps`) and at least
-    three different tokens (a stuck repetition would prove little)."""
+def decisive_scale_targets(model) -> list:
+    """What to scale to scale the logits: the output head, or where it is tied to the input
+    embeddings (scaling those would drown every layer in the input token) the final norm's weight
+    and bias."""
+    if not model.config.tie_word_embeddings:
+        return [model.get_output_embeddings().weight]
+    base = model.base_model
+    norm = getattr(base, "norm", None) or getattr(base, "final_layer_norm", None)
+    return [p for p in (norm.weight, getattr(norm, "bias", None)) if p is not None]
+
+
+def make_browser_check_model(out: Path, steps: int = 8, min_margin: float = 1.0, architecture: str = "llama") -> dict:
+    """A tiny model of `architecture` whose greedy continuation is decisive, for comparing a
+    browser's tokens with transformers' id for id: its vocabulary is exactly the tokenizer's (no id
+    the tokenizer cannot name), its output head is scaled up so the best token beats the runner-up
+    by at least `min_margin` logits at every step (float32 on a GPU differs from the CPU by ~1e-4),
+    and the continuation holds no end-of-sequence token (so both sides generate all `steps`) and at
+    least three different tokens (a stuck repetition would prove little)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     vocab_size = len(WORDS) + 3
     for seed in range(50):
-        model_dir = make_tiny_llama(out, seed=seed, vocab_size=vocab_size)
+        model_dir = make_tiny_model(out, architecture, seed=seed, vocab_size=vocab_size)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
         with torch.no_grad():
-            model.lm_head.weight.mul_(60.0)
+            for parameter in decisive_scale_targets(model):
+                parameter.mul_(60.0)
         model.save_pretrained(str(model_dir), safe_serialization=True)
         reference = greedy_reference(model_dir, BROWSER_CHECK_PROMPT, steps)
         chosen = reference["reference_ids"]
         if reference["min_margin"] >= min_margin and 2 not in chosen and len(set(chosen)) >= 3:
-            return {**reference, "seed": seed}
+            return {**reference, "seed": seed, "architecture": architecture}
     raise RuntimeError(f"no seed below 50 gives a continuation with margins >= {min_margin}")

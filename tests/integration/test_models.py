@@ -1,0 +1,87 @@
+"""The architecture matrix: models as users bring them convert to bundles that compute the same model.
+
+For each architecture (llm2wasm.convert.tiny.ARCHITECTURES): a tiny random model made and saved by
+the image's own transformers (5.x: `rope_parameters`, no top-level `rope_theta`) with a rope base
+that is not the default, grouped-query attention where the family has it, tied or untied
+embeddings as the family has them, made decisive like the browser test's model; converted at
+q0f32 by the real hermetic chain; loaded by the real WebLLM in headless Chromium. Its greedy token
+ids must equal transformers', and the bundle's mlc-chat-config.json must carry the model's rope
+base (mlc_llm's own configs fall back to 10000 or fail on the transformers 5 format).
+
+The Llama of this matrix is the browser test's model (tests/integration/test_browser.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.browser import chromium_path, run_preview_page, start_preview
+from tests.conftest import app_image, run_app
+
+STEPS = 8
+# Every family but llama (the browser test's) — each costs one q0f32 compile (about 2 minutes).
+ARCHITECTURES = ["qwen2", "qwen3", "phi3", "mistral", "gpt_neox"]
+
+MAKE_MODEL = """
+import json
+from pathlib import Path
+from llm2wasm.convert.tiny import make_browser_check_model
+reference = make_browser_check_model(Path("/work/model"), steps=%d, architecture=%r)
+Path("/work/reference.json").write_text(json.dumps(reference))
+"""
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def converted(request, hermetic_chain, tmp_path_factory):
+    architecture = request.param
+    if chromium_path() is None:
+        pytest.fail("Debian's chromium is not installed: run `bash .ci/setup.sh` as root")
+    work = tmp_path_factory.mktemp(architecture)
+    made = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}",
+         "-v", f"{work}:/work", "--entrypoint", "python", app_image(), "-c", MAKE_MODEL % (STEPS, architecture)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    reference = json.loads((work / "reference.json").read_text())
+    args = ("convert", "/work/model", "-q", "q0f32", "--conv-template", "chatml", "--context-window", "256",
+            "--prefill-chunk-size", "64", "--model-id", f"tiny-{architecture}", "-o", "/work/bundle")  # fmt: skip
+    result = run_app(*args, mounts={work: "/work"})
+    assert result.returncode == 0, result.stderr
+    return architecture, work, reference, result
+
+
+def test_saved_in_transformers_5_format_with_a_non_default_rope_base(converted):
+    _, work, _, _ = converted
+    config = json.loads((work / "model" / "config.json").read_text())
+    assert config["transformers_version"].startswith("5.") and "rope_theta" not in config
+    assert config["rope_parameters"]["rope_theta"] not in (None, 10000, 10000.0)
+
+
+def test_the_bundle_carries_the_models_rope_base(converted):
+    _, work, _, result = converted
+    theta = json.loads((work / "model" / "config.json").read_text())["rope_parameters"]["rope_theta"]
+    chat_config = json.loads((work / "bundle" / "model" / "resolve" / "main" / "mlc-chat-config.json").read_text())
+    model_config = chat_config["model_config"]
+    assert theta in (model_config.get("position_embedding_base"), model_config.get("rope_theta")), model_config
+    assert "config for mlc_llm" in result.stderr  # the mapping said what it wrote
+    # the user's folder is untouched: the adapted config lives in the workspace only
+    assert "rope_theta" not in json.loads((work / "model" / "config.json").read_text())
+
+
+def test_webllm_generates_transformers_tokens(converted):
+    architecture, work, reference, _ = converted
+    assert reference["min_margin"] >= 1.0 and len(set(reference["reference_ids"])) >= 3
+    url, name = start_preview(work / "bundle")
+    try:
+        run = run_preview_page(url, reference["prompt"], STEPS)
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    assert not run.preview_errors and not run.page_errors, (run.preview_errors, run.page_errors)
+    assert not run.webgpu_errors, "\n".join(run.webgpu_errors[:5])
+    (result,) = run.results
+    assert result["tokenIds"] == reference["reference_ids"], (architecture, result, reference)
