@@ -43,7 +43,7 @@ ARCHITECTURES = {
             "sliding_window": None,
             "tie_word_embeddings": False,
         },
-    ),  # fmt: skip
+    ),
     "phi3": ("Phi3Config", {"num_key_value_heads": 2, "rope_theta": 30000.0, "tie_word_embeddings": False}),
     "gpt_neox": ("GPTNeoXConfig", {"rotary_pct": 0.25, "rope_theta": 20000.0, "tie_word_embeddings": False}),
 }
