@@ -59,7 +59,7 @@ def helper_source(version: str) -> str:
     return extracted.read_text()
 
 
-def contrib_layout_from(support_source: str) -> str:
+def contrib_layout_from(support_source: str, imports: str = "tvm._ffi") -> str:
     """The older `tvm/contrib/emcc.py` layout (find_lib_path, 2024-03-31 to 2026-05), rebuilt from a
     real 0.25.0 helper by the documented differences: no find_wasm_lib, `tvm._ffi` imports,
     find_lib_path lookups, py_str. Checked by hand against the file in public mlc-ai/relax sources
@@ -70,8 +70,9 @@ def contrib_layout_from(support_source: str) -> str:
         '"""Util to invoke emscripten compilers in the system."""\n\n#',
         '"""Util to invoke emscripten compilers in the system."""\n#',
     )
+    # imports="tvm" gives the helper after apache/tvm 4289efa0 (2025-05-28) removed tvm._ffi
     text = text.replace(
-        "from tvm import libinfo\n", "from tvm._ffi.base import py_str\nfrom tvm._ffi.libinfo import find_lib_path\n"
+        "from tvm import libinfo\n", f"from {imports}.base import py_str\nfrom {imports}.libinfo import find_lib_path\n"
     )
     for name in ("wasm_runtime", "tvmjs_support", "webgpu_runtime"):
         text = text.replace(f'find_wasm_lib("{name}.bc")', f'find_lib_path("{name}.bc")')

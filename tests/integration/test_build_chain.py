@@ -185,7 +185,10 @@ def test_emsdk_source_layer_builds_and_passes_its_checks(hermetic_chain, hermeti
         labels = json.loads(inspected.stdout)
         assert labels["io.llm2wasm.emscripten.source"] == "emsdk" and labels["io.llm2wasm.emsdk.ref"] == "3.1.56"
         # the real emsdk resolved 3.1.56 to its release build and installed from the archives given
-        assert "Done installing SDK 'sdk-releases-9d106be887796484c4aaffc9dc45f48a8810f336-64bit'" in output
+        build_log = (ROOT / ".llm2wasm" / "logs" / HERMETIC / "emsdk.log").read_text()
+        assert "Done installing SDK 'sdk-releases-9d106be887796484c4aaffc9dc45f48a8810f336-64bit'" in build_log
+        assert "wasm-binaries.tar.xz' already downloaded, skipping." in build_log
+        assert "Clearing existing environment variable: EMSDK_REF" in build_log  # emsdk_env.sh's own unsetting
     finally:
         for name in LAYER_NAMES:
             subprocess.run(["docker", "image", "rm", f"{repository}:{name}-{HERMETIC}"], capture_output=True)

@@ -42,10 +42,16 @@ def test_patch_applies_to_the_real_helper_once(tmp_path, version):
     assert not list(target.parent.glob("*.orig")) and not list(target.parent.glob("*.rej"))
 
 
-def test_contrib_layout_patch(tmp_path):
-    tvm = tvm_tree(tmp_path, "contrib/emcc.py", contrib_layout_from(helper_source("0.25.0")))
+@pytest.mark.parametrize(
+    "imports,patch_name",
+    [("tvm._ffi", "tvm-emcc-contrib-find_lib_path.patch"), ("tvm", "tvm-emcc-contrib-libinfo-find_lib_path.patch")],
+)
+def test_contrib_layout_patch(tmp_path, imports, patch_name):
+    helper = contrib_layout_from(helper_source("0.25.0"), imports)
+    assert f"from {imports}.libinfo import find_lib_path" in helper
+    tvm = tvm_tree(tmp_path, "contrib/emcc.py", helper)
     patch, target, outcome = apply(tvm, load_patches(PATCHES), log=lambda _: None)
-    assert outcome == "applied" and patch.target == "contrib/emcc.py"
+    assert outcome == "applied" and patch.target == "contrib/emcc.py" and patch.path.name == patch_name
     patched = target.read_text()
     assert "return find_lib_path(name)[0]" in patched and patched.count('llm2wasm_runtime_lib("') == 3
     compile(patched, str(target), "exec")
