@@ -59,6 +59,7 @@ LAYERS: tuple[Layer, ...] = (
             "MLC_WHEEL_INDEX": "mlc_wheel_index",
             "MLC_AI_REQUIREMENT": "mlc_ai_requirement",
             "MLC_LLM_REQUIREMENT": "mlc_llm_requirement",
+            "TVM_FFI_REQUIREMENT": "tvm_ffi_requirement",
             "TORCH_REQUIREMENT": "torch_requirement",
             "TRANSFORMERS_REQUIREMENT": "transformers_requirement",
             "PEFT_REQUIREMENT": "peft_requirement",

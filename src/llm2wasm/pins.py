@@ -37,6 +37,14 @@ class Profile:
     def cuda(self) -> bool:
         return bool(self.pins.get("cuda", False))
 
+    @property
+    def cuda_major(self) -> int | None:
+        """The CUDA major version the MLC wheels are built for: variant cu128 -> 12, cu130 -> 13."""
+        variant = str(self.pins.get("variant", ""))
+        if not self.cuda or not variant.startswith("cu") or not variant[2:].isdigit():
+            return None
+        return int(variant[2:-1])
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "pins": dict(self.pins)}
 

@@ -10,8 +10,8 @@ def test_required_profiles_exist():
 
 def test_stable_profile_pins_the_known_good_upstream():
     stable = resolve_profile("stable")
-    assert stable["mlc_ai_requirement"] == "mlc-ai-cu128==0.20.0"
-    assert stable["mlc_llm_requirement"] == "mlc-llm-cu128==0.20.0.dev0"
+    assert stable["mlc_ai_requirement"] == "mlc-ai-cu130==0.20.0"
+    assert stable["mlc_llm_requirement"] == "mlc-llm-cu130==0.20.0.dev0"
     assert stable["mlc_llm_ref"] == "v0.20.0"
     assert stable["emsdk_version"] == "3.1.56" and stable["emsdk_ref"] == "3.1.56"
     assert stable["base_image"] == "ubuntu:24.04" and stable["python_version"] == "3.12"

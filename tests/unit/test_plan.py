@@ -25,7 +25,7 @@ def test_overrides_reach_the_build_args():
 def test_dry_run_text_names_images_args_and_sources():
     text = make_plan(resolve_profile("stable")).describe()
     assert "[3/7] ml -> llm2wasm:ml-stable" in text
-    assert "--build-arg MLC_AI_REQUIREMENT=mlc-ai-cu128==0.20.0  (pin mlc_ai_requirement)" in text
+    assert "--build-arg MLC_AI_REQUIREMENT=mlc-ai-cu130==0.20.0  (pin mlc_ai_requirement)" in text
     assert "--build-arg EMSDK_REPO=https://github.com/emscripten-core/emsdk.git  (pin emsdk_repo)" in text
     assert "verify/test_emsdk.py" in text
 
