@@ -172,3 +172,14 @@ def test_parity_guard_sliding_window(tmp_path):
     assert parity_mismatches(mlc_model_config(sliding_window_size=-1), hf) == [
         "sliding window: transformers 64, mlc_llm sliding_window_size = -1"
     ]
+
+
+def test_a_stale_top_level_rope_theta_yields_to_what_transformers_computes_with(tmp_path):
+    """transformers 5's GPTNeoXConfig(rope_theta=...) saves that keyword as a top-level key beside
+    rope_parameters (default base), and the model computes with rope_parameters; mlc_llm alone reads
+    the stale key. The mapping hands mlc_llm what transformers computes with."""
+    folder = saved(tmp_path, GPTNeoXConfig(**TINY, rotary_pct=0.25, rope_theta=20000.0))
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw["rope_theta"] == 20000.0 and raw["rope_parameters"]["rope_theta"] == 10000.0
+    config, written = mlc_config(raw, hf_view(folder), real_reads("gpt_neox"))
+    assert config["rope_theta"] == 10000.0 and "rope_theta = 10000.0" in written

@@ -134,6 +134,27 @@ def image_index(*platforms: tuple[str, str]) -> tuple[str, dict]:
     return OCI_INDEX, {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
 
 
+TORCH_2_13_REQUIRES = [
+    "cuda-toolkit[cublas,cudart,cufft,cufile,cupti,curand,cusolver,cusparse,nvjitlink,nvrtc,nvtx]==13.0.3;"
+    ' platform_system == "Linux"',
+    'cuda-bindings<14,>=13.0.3; platform_system == "Linux" and python_version < "3.15"',
+    'nvidia-cudnn-cu13==9.20.0.48; platform_system == "Linux"',
+    'nvidia-nccl-cu13==2.29.7; platform_system == "Linux"',
+    "filelock",
+]
+TORCH_2_10_REQUIRES = [
+    'nvidia-cuda-nvrtc-cu12==12.8.93; platform_system == "Linux"',
+    'nvidia-cuda-runtime-cu12==12.8.90; platform_system == "Linux"',
+    'nvidia-cublas-cu12==12.8.4.1; platform_system == "Linux"',
+    "filelock",
+]
+
+
+def metadata(requires: list[str]) -> tuple[int, dict[str, str], bytes]:
+    text = "Metadata-Version: 2.4\nName: torch\nVersion: 0\n" + "".join(f"Requires-Dist: {r}\n" for r in requires)
+    return 200, {"Content-Type": "text/plain"}, text.encode()
+
+
 MLC_FILES = [
     "mlc_ai_cu128-0.20.0-cp312-cp312-manylinux_2_28_x86_64.whl",
     "mlc_ai_cu128-0.20.0-cp311-cp311-manylinux_2_28_x86_64.whl",
@@ -175,6 +196,16 @@ def server():
         anchor("../../files/torch-2.13.0%2Bcpu-cp312-cp312-manylinux_2_28_x86_64.whl#sha256=00"),
         anchor("../../files/torch-2.12.0%2Bcpu-cp312-cp312-manylinux_2_28_x86_64.whl#sha256=00"),
     )
+    # torch as the Python registry serves it: CUDA 13 wheels (2.13.0) and CUDA 12.8 (2.10.0), each
+    # with its PEP 658 metadata file; the Requires-Dist lines are the real ones
+    local.routes["/cuda/torch/"] = html(
+        anchor("/files/torch-2.13.0-cp312-cp312-manylinux_2_28_x86_64.whl#sha256=00"),
+        anchor("/files/torch-2.10.0-cp312-cp312-manylinux_2_28_x86_64.whl#sha256=00"),
+        anchor("/files/torch-2.9.0%2Bcu126-cp312-cp312-manylinux_2_28_x86_64.whl#sha256=00"),
+        anchor("/files/torch-2.12.0%2Bcpu-cp312-cp312-manylinux_2_28_x86_64.whl#sha256=00"),
+    )
+    local.routes["/files/torch-2.13.0-cp312-cp312-manylinux_2_28_x86_64.whl.metadata"] = metadata(TORCH_2_13_REQUIRES)
+    local.routes["/files/torch-2.10.0-cp312-cp312-manylinux_2_28_x86_64.whl.metadata"] = metadata(TORCH_2_10_REQUIRES)
     local.routes["/simple/transformers/"] = html(
         anchor("/files/transformers-5.24.0-py3-none-any.whl", requires_python="&gt;=3.10"),
         anchor("/files/transformers-5.24.0.tar.gz"),
@@ -242,6 +273,9 @@ def make_profile(server: LocalServer, git_remote: Path, **changes: str) -> Profi
         mlc_ai_requirement="mlc-ai-cu128==0.20.0",
         mlc_llm_requirement="mlc-llm-cu128==0.20.0.dev0",
         torch_requirement="torch==2.13.0+cpu",
+        # a CPU torch: the profile's MLC wheels are not CUDA builds either (the CUDA check has its tests)
+        cuda=False,
+        variant="cpu",
         transformers_requirement="transformers==5.24.0",
         peft_requirement="peft==0.21.2",
         bitsandbytes_requirement="bitsandbytes==0.50.2",
@@ -710,3 +744,54 @@ def test_the_build_stops_with_exit_2_naming_each_bad_pin(monkeypatch):
     )
     preflight_or_stop(resolve_profile("stable"), ["base"], said.append)
     assert said[-1].startswith("<== preflight: 1 checks passed")
+
+
+# --- one CUDA major ------------------------------------------------------------------------------------
+
+
+def cuda_profile(server, git_remote, variant: str, torch: str) -> Profile:
+    return make_profile(
+        server,
+        git_remote,
+        cuda=True,
+        variant=variant,
+        torch_requirement=torch,
+        # torch only (the other wheel pins are not found there: this looks at the CUDA check alone)
+        pip_options=f"--index-url {server.url}/cuda/",
+    )
+
+
+def test_torch_2_13_is_cuda_13_so_cu128_mlc_wheels_are_refused(server, git_remote):
+    result = result_for(preflight(cuda_profile(server, git_remote, "cu128", "torch==2.13.0")), "variant")
+    assert not result.ok
+    assert (
+        "torch==2.13.0 (torch-2.13.0-cp312-cp312-manylinux_2_28_x86_64.whl, its metadata) brings CUDA 13"
+        in result.message
+    )
+    assert "cuda-toolkit[" in result.message and "variant cu128 are built for CUDA 12" in result.message
+    assert result.fix.startswith("one CUDA major throughout: --set variant=cu130")
+
+
+def test_one_cuda_major_passes(server, git_remote):
+    assert result_for(preflight(cuda_profile(server, git_remote, "cu130", "torch==2.13.0")), "variant").ok
+    result = result_for(preflight(cuda_profile(server, git_remote, "cu128", "torch==2.10.0")), "variant")
+    assert result.ok and "CUDA 12 (nvidia-cuda-nvrtc-cu12==12.8.93)" in result.message
+
+
+def test_cuda_major_from_the_local_label_without_metadata(server, git_remote):
+    result = result_for(preflight(cuda_profile(server, git_remote, "cu130", "torch==2.9.0+cu126")), "variant")
+    assert not result.ok and "brings CUDA 12 (+cu126)" in result.message
+
+
+def test_a_cpu_torch_in_a_cuda_profile_is_refused(server, git_remote):
+    result = result_for(preflight(cuda_profile(server, git_remote, "cu130", "torch==2.12.0+cpu")), "variant")
+    assert not result.ok and "brings no CUDA (+cpu (no CUDA))" in result.message
+    assert "or the MLC CPU wheels (profile cpu)" in result.fix
+
+
+def test_stable_pins_one_cuda_major():
+    from llm2wasm.preflight import torch_cuda_major
+
+    stable = resolve_profile("stable")
+    assert stable.cuda_major == 13  # the variant of the MLC wheels
+    assert torch_cuda_major(TORCH_2_13_REQUIRES, None)[0] == 13  # what the pinned torch 2.13.0 requires

@@ -45,7 +45,15 @@ ARCHITECTURES = {
         },
     ),
     "phi3": ("Phi3Config", {"num_key_value_heads": 2, "rope_theta": 30000.0, "tie_word_embeddings": False}),
-    "gpt_neox": ("GPTNeoXConfig", {"rotary_pct": 0.25, "rope_theta": 20000.0, "tie_word_embeddings": False}),
+    # transformers 5's GPTNeoXConfig keeps a rope_theta keyword as a stale top-level key beside
+    # rope_parameters (which the model computes with): the rope goes in the native way
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 20000.0, "partial_rotary_factor": 0.25},
+            "tie_word_embeddings": False,
+        },
+    ),
 }
 
 
