@@ -52,6 +52,7 @@ SET_HELP = "override one pin for this run, KEY=VALUE (repeatable), e.g. emsdk_ve
         "images": "folder of layer Dockerfiles (default images/)",
         "report": "also write the build report (sizes, times, installed versions) to FILE.md or FILE.json",
         "no_preflight": "do not first check that every remote pin resolves (registry, wheel index, git, npm)",
+        "no_selftest": "skip the real conversion in the final image (by hand only: such an image is not publishable)",
     },
     iterable=["set_"],
 )
@@ -69,8 +70,10 @@ def build(
     images=None,
     report=None,
     no_preflight=False,
+    no_selftest=False,
 ):
-    """Build the layer chain; each layer is verified (testinfra) before the next is built."""
+    """Build the layer chain; each layer is verified (testinfra) before the next is built, and the
+    final image converts a tiny model (`llm2wasm selftest`) before it counts as verified."""
     from llm2wasm.build import Reporter, build_plan
     from llm2wasm.pins import resolve_profile
     from llm2wasm.plan import make_plan
@@ -93,7 +96,7 @@ def build(
         from llm2wasm.preflight import preflight_or_stop
 
         preflight_or_stop(plan.profile, [step.layer.name for step in plan.steps], reporter.say)
-    results = build_plan(plan, reporter, reverify=reverify, no_cache=no_cache)
+    results = build_plan(plan, reporter, reverify=reverify, no_cache=no_cache, selftest=not no_selftest)
     summary = build_report(plan.profile.name, results)
     print(summary.to_markdown())
     if report:

@@ -47,9 +47,13 @@ def test_tvm_source_is_the_submodule_mlc_llm_pins(host, image_env):
 
 def test_web_runtime_tvm_is_the_installed_tvms_commit(host, python_facts, image_env):
     libinfo = python_facts["libinfo_commit"]
-    built = libinfo["value"] if libinfo["ok"] else None  # no libinfo at all: nothing to compare with
-    source = host.check_output(f"git -C {image_env['TVM_SOURCE_DIR']} rev-parse HEAD")
-    check = tvm_commit_check(built, source)
+    built = libinfo["value"] if libinfo["ok"] else None  # no libinfo at all (apache/tvm since 2026-04-30)
+    version = python_facts["tvm_and_mlc_llm"]["value"]
+    git = f"git -C {image_env['TVM_SOURCE_DIR']}"
+    source = host.check_output(f"{git} rev-parse HEAD")
+    public = version.split("+", 1)[0]
+    tagged = host.run(f"{git} rev-parse --quiet --verify 'refs/tags/v{public}^{{commit}}'")
+    check = tvm_commit_check(built, source, version, tagged.stdout.strip() if tagged.rc == 0 else None)
     if check.status == "unknown":
         pytest.skip(check.message)
     assert check.status == "match", check.message

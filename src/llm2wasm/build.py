@@ -82,6 +82,7 @@ def build_plan(
     *,
     reverify: bool = False,
     no_cache: bool = False,
+    selftest: bool = True,
 ) -> list[LayerResult]:
     reporter = reporter or Reporter()
     docker.ensure_engine()
@@ -121,7 +122,7 @@ def build_plan(
             raise BuildFailed(name, f"docker build failed (exit {status}); log: {log_path}", tail)
         reporter.say(f"    {name}: built {image_id[:19]} in {build_seconds:.1f}s")
 
-        digest = checks_digest(name, plan.profile)
+        digest = checks_digest(name, plan.profile, selftest)
         if not reverify and state.is_verified(name, image_id, digest):
             reporter.say(f"    {name}: unchanged image already passed these checks; not verified again")
             verified, verify_seconds = "cached", 0.0
@@ -154,15 +155,51 @@ def build_plan(
                     f"docker run --rm -it --entrypoint bash {kept}"
                 )
                 raise BuildFailed(name, f"checks failed: {result.summary}", result.output)
+            reporter.say(f"    {name}: checks passed ({result.summary}) in {verify_seconds:.1f}s")
+            if step.layer.selftest:
+                if selftest:
+                    verify_seconds += run_selftest_gate(
+                        image_id, name, step.tag, f"[{index}/{total}]", reporter, log_dir
+                    )
+                else:
+                    reporter.say(
+                        f"    {name}: selftest skipped (--no-selftest): tagged, but not publishable until "
+                        "`invoke build` runs it"
+                    )
             state.record(name, image_id, digest)
             verified = "passed"
-            reporter.say(f"    {name}: checks passed ({result.summary}) in {verify_seconds:.1f}s")
         retag(image_id, step.tag)
         results.append(LayerResult(name, step.tag, image_id, build_seconds, verify_seconds, verified))
         reporter.say(
             f"<== [{index}/{total}] {name}: {step.tag} ready (build {build_seconds:.1f}s, verify {verify_seconds:.1f}s)"
         )
     return results
+
+
+SELFTEST_TIMEOUT = 1800.0
+
+
+def run_selftest_gate(image_id: str, name: str, tag: str, position: str, reporter: Reporter, log_dir: Path) -> float:
+    """`llm2wasm selftest` in the image (a tiny model and LoRA made, merged and converted by the
+    image's own mlc_llm, emscripten and WGSL check). A failure stops the build like failed checks."""
+    reporter.say(f"    {name}: selftest (a real conversion in the image, about 2 minutes)")
+    log_path = log_dir / f"{name}-selftest.log"
+    started = time.monotonic()
+    result = docker.run(
+        ["run", "--rm", "--network", "none", image_id, "selftest"], check=False, timeout=SELFTEST_TIMEOUT
+    )
+    seconds = time.monotonic() - started
+    log_path.write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        kept = keep_failed_image(image_id, tag)
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-30:])
+        reporter.say(
+            f"!!! {position} {name}: selftest FAILED (exit {result.returncode}) in {seconds:.1f}s; not tagged {tag}.\n"
+            f"{tail}\nFull log: {log_path}. The failed image is kept as {kept}."
+        )
+        raise BuildFailed(name, f"selftest failed (exit {result.returncode}); log: {log_path}", tail)
+    reporter.say(f"    {name}: selftest passed (a real conversion) in {seconds:.1f}s")
+    return seconds
 
 
 def retag(image_id: str, tag: str) -> None:

@@ -70,26 +70,39 @@ class CommitCheck:
     message: str
 
 
-def tvm_commit_check(libinfo_commit: str | None, source_commit: str | None) -> CommitCheck:
+def tvm_commit_check(
+    libinfo_commit: str | None,
+    source_commit: str | None,
+    installed_version: str | None = None,
+    release_tag_commit: str | None = None,
+) -> CommitCheck:
     """Is the web runtime built from the TVM commit the installed TVM was built from?
 
-    mlc-ai builds record GIT_COMMIT_HASH in libinfo ("NOT-FOUND" when unknown); apache-tvm 0.25+
-    records none. A mismatch means model libraries fail to load in the browser (LinkError or
-    "Cannot find global function").
-    """
-    built = (libinfo_commit or "").strip()
+    What the installed TVM says, in order: the GIT_COMMIT_HASH of `tvm.support.libinfo()` (older
+    mlc-ai builds; "NOT-FOUND" when unknown; apache/tvm removed libinfo() on 2026-04-30); a
+    `+g<hash>` local version (nightly builds); for a release X.Y.Z, the commit its tag vX.Y.Z
+    names in the web runtime's TVM repository (`release_tag_commit`; the MLC stable wheels are
+    built from the relax tag of their version). A mismatch means model libraries fail to load in
+    the browser (LinkError or "Cannot find global function")."""
     source = (source_commit or "").strip()
+    built = (libinfo_commit or "").strip()
+    how = "libinfo GIT_COMMIT_HASH"
+    version = (installed_version or "").strip()
+    if built.upper() in UNKNOWN_COMMITS and "+g" in version:
+        built, how = version.split("+g", 1)[1].split(".")[0], f"version {version}"
+    if built.upper() in UNKNOWN_COMMITS and release_tag_commit:
+        built, how = release_tag_commit.strip(), f"release {version}: its tag v{version}"
     if built.upper() in UNKNOWN_COMMITS or not source:
         return CommitCheck(
             "unknown",
-            f"cannot compare: installed TVM commit {built or 'absent'!r}, "
-            f"web runtime source commit {source or 'absent'!r}",
+            f"cannot compare: the installed TVM {version or '?'} names no commit (no libinfo, no +g<hash>, "
+            f"no tag v{version or '?'} in the web runtime's TVM repository); web runtime source {source or 'absent'}",
         )
     if built.startswith(source) or source.startswith(built):
-        return CommitCheck("match", f"web runtime built from {source}, the installed TVM's commit")
+        return CommitCheck("match", f"web runtime built from {source}, the installed TVM's commit ({how})")
     return CommitCheck(
         "mismatch",
-        f"installed TVM was built from {built} but the web runtime from {source}: "
+        f"installed TVM was built from {built} ({how}) but the web runtime from {source}: "
         "pin mlc_llm_ref to the mlc-llm commit whose 3rdparty/tvm matches the wheels",
     )
 

@@ -24,6 +24,9 @@ class Layer:
     build_args: dict[str, str] = field(default_factory=dict)
     # Build args the builder derives from the parent image (see build.derive_args)
     derived_args: tuple[str, ...] = ()
+    # A real conversion in the built image (`llm2wasm selftest`) after its checks: no image is
+    # recorded as verified, pushed or published unless one ran in it
+    selftest: bool = False
 
     @property
     def dockerfile(self) -> Path:
@@ -101,6 +104,7 @@ LAYERS: tuple[Layer, ...] = (
             "WEBLLM_VERSION": "webllm_version",
             "WEBLLM_INTEGRITY": "webllm_integrity",
         },
+        selftest=True,
     ),
 )
 

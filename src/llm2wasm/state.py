@@ -7,15 +7,19 @@ import json
 import time
 from pathlib import Path
 
-from .layers import ancestors
+from .layers import ancestors, get_layer
 from .pins import PROJECT_ROOT, Profile
 
 STATE_DIR = PROJECT_ROOT / ".llm2wasm"
 
 
-def checks_digest(layer: str, profile: Profile) -> str:
-    """Changes when a check that applies to the layer, or any pin, changes."""
+def checks_digest(layer: str, profile: Profile, selftest: bool = True) -> str:
+    """Changes when a check that applies to the layer, or any pin, changes. An image verified with
+    its selftest skipped (`--no-selftest`) gets another digest: publish, which asks for the full
+    one, refuses it."""
     digest = hashlib.sha256()
+    if not selftest and get_layer(layer).selftest:
+        digest.update(b"selftest skipped")
     files = [PROJECT_ROOT / "verify" / "conftest.py", PROJECT_ROOT / "src" / "llm2wasm" / "checks.py"]
     files += [step.check_module for step in ancestors(layer)]
     for path in files:

@@ -622,7 +622,7 @@ def ensure_git_repos(wheelhouse: Path) -> Path:
     stamp = {
         "archives": {name: a.sha256 for name, a in UPSTREAM.items()},
         "patch": hashlib.sha256(COMPAT_PATCH.read_bytes()).hexdigest(),
-        "layout": 3,
+        "layout": 4,
     }
     if base.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
         return base
@@ -646,6 +646,8 @@ def ensure_git_repos(wheelhouse: Path) -> Path:
         ffi_commit = upstream_repo(tmp, UPSTREAM["tvm-ffi"], {"3rdparty/dlpack": ("dlpack", dlpack_commit)})
         publish_bare(tmp / "tvm-ffi", base, "tvm-ffi")
         tvm_commit = upstream_repo(tmp, UPSTREAM["tvm"], {"3rdparty/tvm-ffi": ("tvm-ffi", ffi_commit)})
+        # upstream's release tag (the web-runtime check finds the apache-tvm 0.26.0 wheel's commit by it)
+        git("tag", "-a", "v0.26.0", "-m", "apache/tvm v0.26.0", cwd=tmp / "tvm")
         publish_bare(tmp / "tvm", base, "tvm")
         upstream_repo(tmp, UPSTREAM["mlc-llm"], {"3rdparty/tvm": ("tvm", tvm_commit)})
         mlc = tmp / "mlc-llm"

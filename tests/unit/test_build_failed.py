@@ -1,6 +1,8 @@
 """A layer that failed its checks is kept as one inspectable image that replaces the one before;
 a rebuilt layer's tag moves and the image it pointed at goes."""
 
+import subprocess
+
 import pytest
 
 from llm2wasm import build
@@ -50,3 +52,39 @@ def test_a_first_build_removes_nothing(fake_docker):
     _, calls = fake_docker
     build.retag("sha256:new", "llm2wasm:ml-cpu")
     assert calls == [("tag", "sha256:new", "llm2wasm:ml-cpu")]
+
+
+class Said:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def test_a_failed_selftest_stops_the_build_and_keeps_the_image(fake_docker, monkeypatch, tmp_path):
+    _, calls = fake_docker
+
+    def docker_run(args, check=True, timeout=None, **_):
+        assert args[-2:] == ["sha256:app", "selftest"] and "--network" in args
+        return subprocess.CompletedProcess(args, 1, "", "step compile failed\nllm2wasm: selftest FAILED")
+
+    monkeypatch.setattr(build.docker, "run", docker_run)
+    said = Said()
+    with pytest.raises(build.BuildFailed) as error:
+        build.run_selftest_gate("sha256:app", "app", "llm2wasm:app-cpu", "[7/7]", said, tmp_path)
+    assert "selftest failed (exit 1)" in str(error.value)
+    assert ("tag", "sha256:app", "llm2wasm-failed:app-cpu") in calls  # kept for a look, not tagged
+    assert not any(call[-1] == "llm2wasm:app-cpu" for call in calls)
+    assert "selftest FAILED" in (tmp_path / "app-selftest.log").read_text()
+    assert any("selftest FAILED (exit 1)" in line for line in said.lines)
+
+
+def test_an_image_verified_without_its_selftest_is_not_publishable():
+    from llm2wasm.pins import resolve_profile
+    from llm2wasm.state import checks_digest
+
+    profile = resolve_profile("cpu")
+    assert checks_digest("app", profile, selftest=False) != checks_digest("app", profile)
+    # layers without a selftest are verified the same either way
+    assert checks_digest("ml", profile, selftest=False) == checks_digest("ml", profile)

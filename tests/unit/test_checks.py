@@ -72,3 +72,17 @@ def test_expected_os():
     assert expected_os("llm2wasm-hermetic/debian:bookworm") == ("debian", "bookworm")
     assert expected_os("ubuntu:24.04@sha256:abc") == ("ubuntu", "24.04")
     assert expected_os("localhost:5000/ubuntu") == ("ubuntu", "latest")
+
+
+def test_tvm_commit_from_the_version_when_libinfo_is_gone():
+    head = "c7b458e946bc4266915da582457476bdcd9705ae"
+    # a release: its tag in the web runtime's TVM repository names the commit
+    assert tvm_commit_check(None, head, "0.26.0", head).status == "match"
+    tagged_elsewhere = tvm_commit_check(None, head, "0.20.0", "b628d91fac716679db539884a55f8c6651f54dea")
+    assert tagged_elsewhere.status == "mismatch" and "its tag v0.20.0" in tagged_elsewhere.message
+    # a nightly: the local version names it
+    assert tvm_commit_check(None, head, "0.26.dev12+gc7b458e9", None).status == "match"
+    assert tvm_commit_check(None, head, "0.26.dev12+g0123abcd", None).status == "mismatch"
+    # nothing says: not a pass
+    unknown = tvm_commit_check(None, head, "0.20.0", None)
+    assert unknown.status == "unknown" and "no tag v0.20.0" in unknown.message
