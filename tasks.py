@@ -72,8 +72,9 @@ def build(
     no_preflight=False,
     no_selftest=False,
 ):
-    """Build the layer chain; each layer is verified (testinfra) before the next is built, and the
-    final image converts a tiny model (`llm2wasm selftest`) before it counts as verified."""
+    """Build the layer chain; each layer is verified (testinfra) before the next is built.
+
+    The final image counts as verified only after a real conversion in it (`llm2wasm selftest`)."""
     from llm2wasm.build import Reporter, build_plan
     from llm2wasm.pins import resolve_profile
     from llm2wasm.plan import make_plan
@@ -346,10 +347,48 @@ def test(c, unit=False, k=None):
     c.run(f"{sys.executable} -m pytest {' '.join(args)}", pty=False)
 
 
+@task(
+    help={
+        "profile": "which built image to check (default stable)",
+        "image": "check this image instead of llm2wasm:app-PROFILE",
+        "keep": "keep the model, bundle, conversion log and browser record in this folder (default: a temporary one)",
+        "summary": "also append the result as Markdown to FILE (e.g. $GITHUB_STEP_SUMMARY)",
+        "screenshot": "save a screenshot of the preview page to FILE.png",
+    }
+)
+@friendly
+def browser_check(c, profile="stable", image=None, keep=None, summary=None, screenshot=None):
+    """Prove the image in a browser: WebLLM's greedy tokens of a bundle it made equal transformers'.
+
+    A tiny model is made in the image, converted at q0f32 and run in WebLLM in headless Chromium
+    (WebGPU on the CPU); exit 1 when the tokens differ or the browser reports an error."""
+    import tempfile
+
+    from llm2wasm.browsercheck import BrowserCheckFailed, browser_check, summary_markdown
+    from llm2wasm.layers import FINAL_LAYER, get_layer
+
+    image = image or get_layer(FINAL_LAYER).tag(profile)
+    with tempfile.TemporaryDirectory(prefix="llm2wasm-browser-check-") as tmp:
+        work = Path(keep).resolve() if keep else Path(tmp)
+        try:
+            check = browser_check(
+                image, work, Path(screenshot) if screenshot else None, say=lambda m: print(m, file=sys.stderr)
+            )
+        except BrowserCheckFailed as error:
+            raise Exit(f"browser check of {image}: {error}", code=1) from None
+    text = summary_markdown(check)
+    print(text)
+    if summary:
+        with open(summary, "a") as handle:
+            handle.write(text)
+    if not check.ok:
+        raise Exit(f"browser check of {image} FAILED", code=1)
+
+
 @task(help={"action": "up, down or status"})
 def mirror(c, action):
     """Start or stop the hermetic local mirror (wheelhouse, git repositories, Debian base image)."""
     c.run(f"{sys.executable} {ROOT / 'tests' / 'hermetic' / 'mirror.py'} {action}")
 
 
-ns = Collection(build, verify, convert, preview, publish, layers, lint, test, mirror, doctor, clean)
+ns = Collection(build, verify, convert, preview, browser_check, publish, layers, lint, test, mirror, doctor, clean)

@@ -24,35 +24,51 @@ from tests.conftest import app_image, run_app
 
 STEPS = 8
 # Every family but llama (the browser test's) — each costs one q0f32 compile (about 2 minutes).
-ARCHITECTURES = ["qwen2", "qwen3", "phi3", "mistral", "gpt_neox"]
+# "+lora": the same family fine-tuned, through `convert --adapter` (merged by llm2wasm, saved by
+# transformers 5 again): a LoRA on every linear layer whose merge changes the greedy tokens.
+ARCHITECTURES = ["qwen2", "qwen3", "phi3", "mistral", "gpt_neox", "qwen2+lora", "mistral+lora"]
 
 MAKE_MODEL = """
 import json
 from pathlib import Path
-from llm2wasm.convert.tiny import make_browser_check_model
+from llm2wasm.convert.tiny import make_browser_check_adapter, make_browser_check_model
 reference = make_browser_check_model(Path("/work/model"), steps=%d, architecture=%r)
+if %r:
+    reference = make_browser_check_adapter(Path("/work/model"), Path("/work/adapter"), steps=%d)
 Path("/work/reference.json").write_text(json.dumps(reference))
 """
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def converted(request, hermetic_chain, tmp_path_factory):
-    architecture = request.param
+    architecture, _, lora = request.param.partition("+")
     if chromium_path() is None:
         pytest.fail("Debian's chromium is not installed: run `bash .ci/setup.sh` as root")
-    work = tmp_path_factory.mktemp(architecture)
+    work = tmp_path_factory.mktemp(request.param.replace("+", "-"))
+    script = MAKE_MODEL % (STEPS, architecture, bool(lora), STEPS)
     made = subprocess.run(
         ["docker", "run", "--rm", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}",
-         "-v", f"{work}:/work", "--entrypoint", "python", app_image(), "-c", MAKE_MODEL % (STEPS, architecture)],
+         "-v", f"{work}:/work", "--entrypoint", "python", app_image(), "-c", script],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert made.returncode == 0, made.stderr
     reference = json.loads((work / "reference.json").read_text())
-    args = ("convert", "/work/model", "-q", "q0f32", "--conv-template", "chatml", "--context-window", "256",
-            "--prefill-chunk-size", "64", "--model-id", f"tiny-{architecture}", "-o", "/work/bundle")  # fmt: skip
+    model_id = f"tiny-{request.param.replace('+', '-')}"
+    args = ["convert", "/work/model", "-q", "q0f32", "--conv-template", "chatml", "--context-window", "256",
+            "--prefill-chunk-size", "64", "--model-id", model_id, "-o", "/work/bundle"]  # fmt: skip
+    if lora:
+        args += ["--adapter", "/work/adapter"]
     result = run_app(*args, mounts={work: "/work"})
     assert result.returncode == 0, result.stderr
-    return architecture, work, reference, result
+    return request.param, work, reference, result
+
+
+def test_an_adapter_changes_the_greedy_tokens(converted):
+    name, _, reference, result = converted
+    if "+lora" not in name:
+        pytest.skip("no adapter in this conversion")
+    assert reference["reference_ids"] != reference["base_reference_ids"]
+    assert "merge done" in result.stderr
 
 
 def test_saved_in_transformers_5_format_with_a_non_default_rope_base(converted):

@@ -42,6 +42,11 @@ def test_publish_pushes_only_from_main_or_tags():
         assert "refs/heads/main" in step["if"] and "refs/tags/v" in step["if"] and "pull_request" in step["if"]
     build = next(s for s in steps if "invoke build" in s.get("run", ""))
     assert steps.index(build) < steps.index(pushing[0])
+    # no --no-selftest: the build's gate converts in the image; then the browser check, before any push
+    assert "--no-selftest" not in build["run"]
+    browser = next(s for s in steps if "invoke browser-check" in s.get("run", ""))
+    assert steps.index(build) < steps.index(browser) < steps.index(pushing[0])
+    assert '--summary "$GITHUB_STEP_SUMMARY"' in browser["run"] and "if" not in browser
     assert "schedule" in workflow["on"]
 
 

@@ -104,7 +104,9 @@ def make_tiny_llama(out: Path, seed: int = 0, vocab_size: int = 512) -> Path:
     return out
 
 
-def make_lora_adapter(base: Path, out: Path, seed: int = 1, target_modules=("q_proj", "v_proj")) -> Path:
+def make_lora_adapter(
+    base: Path, out: Path, seed: int = 1, target_modules=("q_proj", "v_proj"), scale: float = 1.0
+) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -112,10 +114,14 @@ def make_lora_adapter(base: Path, out: Path, seed: int = 1, target_modules=("q_p
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base))
     # init_lora_weights=False: random A and B, so the merge visibly changes the weights.
-    config = LoraConfig(
-        r=4, lora_alpha=8, target_modules=list(target_modules), init_lora_weights=False, task_type="CAUSAL_LM"
-    )
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
+    if scale != 1.0:  # a stronger fine-tune: enough to move a decisive model's greedy tokens
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "lora_B" in name:
+                    parameter.mul_(scale)
     peft_model.save_pretrained(str(out))
     return out
 
@@ -188,3 +194,27 @@ def make_browser_check_model(out: Path, steps: int = 8, min_margin: float = 1.0,
         if reference["min_margin"] >= min_margin and 2 not in chosen and len(set(chosen)) >= 3:
             return {**reference, "seed": seed, "architecture": architecture}
     raise RuntimeError(f"no seed below 50 gives a continuation with margins >= {min_margin}")
+
+
+def make_browser_check_adapter(model_dir: Path, adapter_dir: Path, steps: int = 8, min_margin: float = 1.0) -> dict:
+    """A LoRA on every linear layer of the browser-check model at `model_dir` whose merge changes
+    the greedy tokens, and stays decisive; the reference is transformers' greedy continuation of
+    the model merged by llm2wasm's own merge (what `convert --adapter` hands mlc_llm)."""
+    import shutil
+    import tempfile
+
+    from .merge import merge_adapter
+
+    base_ids = greedy_reference(model_dir, BROWSER_CHECK_PROMPT, steps)["reference_ids"]
+    for seed in range(1, 50):
+        make_lora_adapter(model_dir, adapter_dir, seed=seed, target_modules="all-linear", scale=20.0)
+        with tempfile.TemporaryDirectory(prefix="llm2wasm-merged-") as tmp:
+            merged = Path(tmp) / "merged"
+            merge_adapter(model_dir, adapter_dir, merged, Path(tmp) / "merge.log")
+            reference = greedy_reference(merged, BROWSER_CHECK_PROMPT, steps)
+        chosen = reference["reference_ids"]
+        decisive = reference["min_margin"] >= min_margin and 2 not in chosen and len(set(chosen)) >= 3
+        if decisive and chosen != base_ids:
+            return {**reference, "adapter_seed": seed, "base_reference_ids": base_ids}
+        shutil.rmtree(adapter_dir)
+    raise RuntimeError("no adapter seed below 50 changes the greedy tokens and stays decisive")
