@@ -79,7 +79,7 @@ def test_good_request(tmp_path):
 def test_template_guessed_and_said(tmp_path):
     req = request(make_model(tmp_path / "model", vocab_size=128256), tmp_path / "out", conv_template=None)
     assert req.conv_template == "llama-3"
-    assert "no --conv-template given: using 'llama-3'" in req.warnings[0]
+    assert "the model has no chat template: using 'llama-3'" in req.warnings[0]
 
 
 @pytest.mark.parametrize(
@@ -97,7 +97,8 @@ def test_template_guessed_and_said(tmp_path):
         (
             lambda m: (m / "config.json").write_text('{"model_type": "mamba"}'),
             {"conv_template": None},
-            "cannot guess a conversation template for model_type 'mamba': pass --conv-template",
+            "cannot guess a conversation template for model_type 'mamba' (and the model has no chat template "
+            "to choose one by): pass --conv-template",
         ),
         (lambda m: None, {"prefill_chunk_size": 0}, "--prefill-chunk-size must be a positive number"),
         (lambda m: None, {"base_url": "models/"}, "is not an absolute http(s) URL"),

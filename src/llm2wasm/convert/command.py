@@ -10,7 +10,15 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "model_dir", metavar="MODEL_DIR", help="Hugging Face model folder (config.json, weights, tokenizer)"
     )
     parser.add_argument("--quantization", "-q", required=True, help="mlc_llm quantization, e.g. q4f16_1")
-    parser.add_argument("--conv-template", help="mlc_llm conversation template (default: guessed from the model)")
+    parser.add_argument(
+        "--conv-template",
+        help="mlc_llm conversation template (default: the one that renders like the model's chat template)",
+    )
+    parser.add_argument(
+        "--strict-template",
+        action="store_true",
+        help="refuse a --conv-template that renders differently from the model's own chat template",
+    )
     parser.add_argument("--adapter", metavar="PEFT_DIR", help="PEFT adapter to merge into the model first")
     parser.add_argument("--model-id", help="model_id in the WebLLM app config (default: OUT's name)")
     parser.add_argument("--prefill-chunk-size", type=int, help="prefill chunk size (1024 avoids WebGPU buffer limits)")

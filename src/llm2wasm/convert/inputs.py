@@ -42,7 +42,7 @@ PREQUANTIZED_METHODS = {"gptq", "awq", "bitsandbytes", "aqlm", "exl2", "hqq", "q
 class ConvertRequest:
     model_dir: Path
     quantization: str
-    conv_template: str
+    conv_template: str | None  # None until chosen by the model's chat template (llm2wasm.convert.chat)
     output: Path
     model_id: str
     adapter: Path | None = None
@@ -53,6 +53,9 @@ class ConvertRequest:
     # declare never-written buffers read-only where the WGSL check finds TVM's read_write defect
     repair_wgsl: bool = True
     device: str = "auto"  # merge and convert_weight (llm2wasm.convert.device)
+    strict_template: bool = False
+    # the model's default system message, where it differs from the chosen template's
+    system_message: str | None = None
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -155,8 +158,11 @@ def check_quantization(quantization: str, names: MlcNames) -> None:
         )
 
 
-def choose_template(conv_template: str | None, config: dict, names: MlcNames) -> tuple[str, str | None]:
-    """The template to use and, when guessed, a note saying so."""
+def choose_template(
+    conv_template: str | None, config: dict, names: MlcNames, has_chat_template: bool = False
+) -> tuple[str | None, str | None]:
+    """The template given, or the one guessed from model_type with a note saying so. (None, None)
+    when the model has a chat template to choose by (llm2wasm.convert.chat) and none was given."""
     if conv_template:
         if conv_template not in names.conv_templates:
             raise UsageError(
@@ -164,16 +170,28 @@ def choose_template(conv_template: str | None, config: dict, names: MlcNames) ->
                 f"{', '.join(names.conv_templates)}"
             )
         return conv_template, None
+    guess = guess_template(config, names)
+    if has_chat_template:
+        return None, None
+    if guess is None:
+        raise UsageError(
+            f"cannot guess a conversation template for model_type {config.get('model_type', '')!r} (and the model "
+            "has no chat template to choose one by): pass "
+            f"--conv-template, one of {', '.join(names.conv_templates)}"
+        )
+    return guess, (
+        f"no --conv-template given and the model has no chat template: using {guess!r} "
+        f"for model_type {config.get('model_type')!r}"
+    )
+
+
+def guess_template(config: dict, names: MlcNames) -> str | None:
+    """The usual template of the model's family (for a base model without a chat template)."""
     model_type = str(config.get("model_type", ""))
     guess = TEMPLATE_GUESSES.get(model_type)
     if model_type == "llama":
         guess = "llama-3" if int(config.get("vocab_size", 0)) >= 128000 else "llama-2"
-    if guess is None or guess not in names.conv_templates:
-        raise UsageError(
-            f"cannot guess a conversation template for model_type {model_type!r}: pass "
-            f"--conv-template, one of {', '.join(names.conv_templates)}"
-        )
-    return guess, f"no --conv-template given: using {guess!r} for model_type {model_type!r}"
+    return guess if guess in names.conv_templates else None
 
 
 def check_not_prequantized(config: dict, model_dir: Path, merging: bool) -> None:
@@ -270,7 +288,11 @@ def build_request(args, names: MlcNames, previous_bundle) -> ConvertRequest:
     check_not_prequantized(config, model_dir, merging=adapter is not None)
     check_quantization(args.quantization, names)
     warnings: list[str] = []
-    template, note = choose_template(args.conv_template, config, names)
+    from .chat import has_chat_template, tokenizer_dir
+
+    template, note = choose_template(
+        args.conv_template, config, names, has_chat_template(tokenizer_dir(model_dir, adapter))
+    )
     if note:
         warnings.append(note)
     if adapter is not None:
@@ -296,6 +318,7 @@ def build_request(args, names: MlcNames, previous_bundle) -> ConvertRequest:
         force=args.force,
         repair_wgsl=not getattr(args, "no_wgsl_repair", False),
         device=getattr(args, "device", "auto"),
+        strict_template=getattr(args, "strict_template", False),
         warnings=warnings,
     )
 

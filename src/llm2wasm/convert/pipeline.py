@@ -31,9 +31,10 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import UsageError
+from .chat import choose, has_chat_template, render_mlc_templates, render_model_template, stop_token_ids, tokenizer_dir
 from .device import choose_device, is_out_of_memory
 from .hfconfig import HfView, ModelConfigAdapter, parity_mismatches
-from .inputs import ConvertRequest, build_request, fingerprint, warn
+from .inputs import ConvertRequest, build_request, fingerprint, guess_template, warn
 from .mlc import installed_names, mlc_command, parse_memory, python_executable
 
 STATE_DIR = ".llm2wasm"
@@ -246,7 +247,36 @@ class Converter:
             cmd += ["--prefill-chunk-size", str(r.prefill_chunk_size)]
         log = self.ws.logs / "gen_config.log"
         run_logged("gen_config", cmd, log)
+        self.adjust_conversation(out / "mlc-chat-config.json", log)
         self.check_parity(out / "mlc-chat-config.json", log)
+
+    def adjust_conversation(self, mlc_chat_config: Path, log: Path) -> None:
+        """The model's default system message (where it differs from the template's), and stop
+        token ids of this tokenizer: a registered template's ids belong to another vocabulary."""
+        data = json.loads(mlc_chat_config.read_text())
+        conv = data.get("conv_template")
+        tokenizer_json = mlc_chat_config.parent / "tokenizer.json"
+        if not isinstance(conv, dict):
+            return
+        notes = []
+        if self.request.system_message is not None:
+            conv["system_message"] = self.request.system_message
+            notes.append(f"system_message = {self.request.system_message!r} (the model's default)")
+        if tokenizer_json.is_file():
+            eos = json.loads((self.source_dir() / "config.json").read_text()).get("eos_token_id")
+            eos_ids = [eos] if isinstance(eos, int) else [i for i in (eos or []) if isinstance(i, int)]
+            ids, missing = stop_token_ids(tokenizer_json, list(conv.get("stop_str") or []), eos_ids)
+            if ids != conv.get("stop_token_ids"):
+                notes.append(f"stop_token_ids = {ids} (the template had {conv.get('stop_token_ids')})")
+                conv["stop_token_ids"] = ids
+            for text in missing:
+                warn(f"stop string {text!r} of template {conv.get('name')} is no token of this tokenizer: "
+                     "WebLLM stops on its text only")  # fmt: skip
+        if notes:
+            mlc_chat_config.write_text(json.dumps(data, indent=2))
+            with open(log, "a") as handle:
+                handle.write("llm2wasm: conv_template in mlc-chat-config.json: " + "; ".join(notes) + "\n")
+            say("  conversation: " + "; ".join(notes))
 
     def convert_weight(self, tmp: Path) -> None:
         device = self.device()
@@ -329,7 +359,7 @@ class Converter:
 
     def _run_steps(self) -> None:
         r = self.request
-        names_key = key_of(r.quantization, r.conv_template, r.context_window, r.prefill_chunk_size)
+        names_key = key_of(r.quantization, r.conv_template, r.system_message, r.context_window, r.prefill_chunk_size)
         if r.adapter is not None:
             merge_key = key_of(fingerprint(r.model_dir), fingerprint(r.adapter))
             self.step("merge", merge_key, self.merge)
@@ -380,9 +410,28 @@ def summary(output: Path) -> str:
     return "\n".join(lines)
 
 
+def choose_conv_template(request: ConvertRequest, names) -> None:
+    """Set request.conv_template (and the carried-over system message) by the model's own chat
+    template, where it has one (llm2wasm.convert.chat); say which and why."""
+    folder = tokenizer_dir(request.model_dir, request.adapter)
+    if not has_chat_template(folder):
+        return  # the guess from build_request stands, and its note says so
+    config = json.loads((request.model_dir / "config.json").read_text())
+    given = request.conv_template
+    choice = choose(
+        render_model_template(folder), render_mlc_templates(), given, guess_template(config, names),
+        request.strict_template,
+    )  # fmt: skip
+    request.conv_template, request.system_message = choice.name, choice.system_message
+    if choice.warning:
+        request.warnings.append(choice.warning)
+    say(f"  conversation template {choice.name}: {choice.reason}")
+
+
 def run_convert(args) -> int:
     names = installed_names()
     request = build_request(args, names, is_previous_bundle)
+    choose_conv_template(request, names)
     for message in request.warnings:
         warn(message)
     identity = request_identity(request)
