@@ -74,10 +74,13 @@ def run_preview_page(
     screenshot: Path | None = None,
     load_timeout_s: float = 1800,
     extra_urls: tuple[str, ...] = (),
+    chat_system: str | None = None,
 ) -> BrowserRun:
     """Open the preview page at `url`, wait for WebLLM to load the bundle, complete `prompt`
     greedily, take a screenshot. `extra_urls`: further preview pages loaded in the same browser
-    afterwards (a browser launch pays for compiling the sampler's sort kernel once)."""
+    afterwards (a browser launch pays for compiling the sampler's sort kernel once). With
+    `chat_system`, one chat turn instead: `prompt` as the user's message after that system message,
+    through `engine.chat.completions` (the bundle's conversation template wraps them)."""
     from playwright.sync_api import sync_playwright
 
     run = BrowserRun()
@@ -120,14 +123,23 @@ def run_preview_page(
                 if run.preview_errors:
                     break
                 started = time.monotonic()
-                result = page.evaluate(
-                    "async ([prompt, maxTokens]) =>"
-                    " await window.llm2wasmPreview.complete({prompt, maxTokens, temperature: 0})",
-                    [prompt, max_tokens],
-                )
+                if chat_system is None:
+                    result = page.evaluate(
+                        "async ([prompt, maxTokens]) =>"
+                        " await window.llm2wasmPreview.complete({prompt, maxTokens, temperature: 0})",
+                        [prompt, max_tokens],
+                    )
+                else:
+                    result = page.evaluate(
+                        "async ([content, system, maxTokens]) =>"
+                        " await window.llm2wasmPreview.chat({content, system, maxTokens, temperature: 0})",
+                        [prompt, chat_system, max_tokens],
+                    )
                 run.timings[f"generate_{index}_s"] = time.monotonic() - started
                 run.results.append(result)
                 if index == 0 and screenshot is not None:
+                    if chat_system is not None:
+                        page.fill("#system", chat_system)
                     page.fill("#prompt", prompt)
                     page.fill("#max-tokens", str(max_tokens))
                     page.click("#send")

@@ -7,16 +7,35 @@ from pathlib import Path
 WORDS = ["the", "a", "model", "runs", "in", "browser", "with", "webgpu", "and", "wasm", "hello", "world"]
 
 
-def make_tokenizer(out: Path):
+# A chat model's extra vocabulary: ChatML's markers and roles, and the words of its system message.
+CHAT_SPECIAL = ["<|im_start|>", "<|im_end|>"]
+CHAT_WORDS = ["system", "user", "assistant", "you", "are"]
+CHAT_SYSTEM = "you are a model"
+CHAT_USER = "hello world the model runs in"
+# ChatML with a default system message of its own (as SmolLM2's has), written as a Jinja template
+CHATML_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nyou are a model<|im_end|>\\n' }}{% endif %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def make_tokenizer(out: Path, chat: bool = False):
+    """A word-level tokenizer over WORDS (and, for a chat model, ChatML's markers and roles with a
+    ChatML chat template): a vocabulary this small keeps SwiftShader's sampler compile short."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: index for index, token in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
+    tokens = ["<unk>", "<s>", "</s>", *WORDS, *((CHAT_SPECIAL + CHAT_WORDS) if chat else [])]
+    vocab = {token: index for index, token in enumerate(tokens)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = {"additional_special_tokens": CHAT_SPECIAL} if chat else {}
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>", **extra
     )
+    if chat:
+        tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.save_pretrained(str(out))
     return tokenizer
 
@@ -134,6 +153,41 @@ def logits(model, ids):
 
 
 BROWSER_CHECK_PROMPT = "hello world the model runs in"
+
+
+def chat_prompt(model_dir: Path) -> str:
+    """transformers' rendering of the chat check's turn: its system message and user message."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    messages = [{"role": "system", "content": CHAT_SYSTEM}, {"role": "user", "content": CHAT_USER}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def make_chat_check_model(out: Path, steps: int = 8, min_margin: float = 1.0) -> dict:
+    """A tiny Llama-architecture chat model trained (so to speak) with ChatML: its tokenizer has a
+    ChatML chat template with a default system message of its own. Decisive on the chat turn
+    transformers renders with `apply_chat_template(..., add_generation_prompt=True)`, and it
+    stops on nothing within `steps` (no end of sequence, no <|im_end|>)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    vocab_size = 3 + len(WORDS) + len(CHAT_SPECIAL) + len(CHAT_WORDS)
+    for seed in range(50):
+        model_dir = make_tiny_model(out, "llama", seed=seed, vocab_size=vocab_size)
+        make_tokenizer(out, chat=True)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        with torch.no_grad():
+            for parameter in decisive_scale_targets(model):
+                parameter.mul_(60.0)
+        model.save_pretrained(str(model_dir), safe_serialization=True)
+        prompt = chat_prompt(model_dir)
+        reference = greedy_reference(model_dir, prompt, steps)
+        chosen = reference["reference_ids"]
+        stops = {2, 3 + len(WORDS) + 1}  # </s>, <|im_end|>
+        if reference["min_margin"] >= min_margin and not stops & set(chosen) and len(set(chosen)) >= 3:
+            return {**reference, "seed": seed, "system": CHAT_SYSTEM, "user": CHAT_USER}
+    raise RuntimeError(f"no seed below 50 gives a chat continuation with margins >= {min_margin}")
 
 
 def greedy_reference(model_dir: Path, prompt: str, steps: int) -> dict:

@@ -2,7 +2,7 @@
 // shows load progress, streams answers with tokens/s, and says in words what went wrong.
 // window.llm2wasmPreview exposes the same engine to tests (see tests/integration/test_browser.py).
 const $ = (id) => document.getElementById(id);
-const state = { errors: [], ready: false, engine: null, modelId: null };
+const state = { errors: [], ready: false, engine: null, modelId: null, mode: "complete", messages: [] };
 window.llm2wasmPreview = state;
 
 function fail(message) {
@@ -29,6 +29,16 @@ async function checkFile(url, what) {
 async function main() {
   const info = await (await fetch("/preview-info.json")).json();
   $("model").textContent = info.model_id;
+  // Chat is the default when the bundle has a conversation template (what WebLLM apps use).
+  const conv = info.conversation;
+  if (conv) {
+    $("template").textContent = `· conversation template ${conv.name}, stops on `
+      + `${JSON.stringify(conv.stop_str || [])} / ids ${JSON.stringify(conv.stop_token_ids || [])}`;
+    $("system").value = conv.system_message || "";
+  } else {
+    $("mode-chat").disabled = true;
+  }
+  setMode(conv ? "chat" : "complete");
   $("webllm").textContent = info.webllm_version || "not installed";
   state.modelId = info.model_id;
   if (info.rewritten) {
@@ -109,18 +119,79 @@ state.complete = async function complete({ prompt, maxTokens = 16, temperature =
   return { text, tokenIds, firstTokenSeconds: first, seconds, tokensPerSecond: decodeRate ?? (tokenIds ? tokenIds.length / seconds : null), usage };
 };
 
+// One chat turn through engine.chat.completions (the conversation template wraps the messages);
+// the turn is added to state.messages. Resolves like complete().
+state.chat = async function chat({ content, system = null, maxTokens = 16, temperature = 0, onText = null }) {
+  const engine = state.engine;
+  const started = performance.now();
+  const messages = [];
+  if (system) messages.push({ role: "system", content: system });
+  messages.push(...state.messages, { role: "user", content });
+  let first = null;
+  let text = "";
+  let usage = null;
+  const chunks = await engine.chat.completions.create({
+    messages, max_tokens: maxTokens, temperature, stream: true, stream_options: { include_usage: true },
+  });
+  for await (const chunk of chunks) {
+    const delta = chunk.choices?.[0]?.delta?.content || "";
+    if (delta && first === null) first = (performance.now() - started) / 1000;
+    text += delta;
+    if (onText) onText(text);
+    if (chunk.usage) usage = chunk.usage;
+  }
+  const seconds = (performance.now() - started) / 1000;
+  const pipeline = engine.loadedModelIdToPipeline?.get(state.modelId);
+  const tokenIds = pipeline ? Array.from(pipeline.outputIds) : null;
+  state.messages.push({ role: "user", content }, { role: "assistant", content: text });
+  const decodeRate = usage?.extra?.decode_tokens_per_s;
+  return { text, tokenIds, firstTokenSeconds: first, seconds, tokensPerSecond: decodeRate ?? (tokenIds ? tokenIds.length / seconds : null), usage };
+};
+
+state.reset = async function reset() {
+  state.messages = [];
+  $("messages").textContent = "";
+  $("answer").textContent = "";
+  if (state.engine) await state.engine.resetChat();
+};
+
+function setMode(mode) {
+  state.mode = mode;
+  $(`mode-${mode}`).checked = true;
+  $("chat-only").hidden = mode !== "chat";
+  $("reset").hidden = mode !== "chat";
+  $("prompt-label").textContent = mode === "chat" ? "Message" : "Prompt";
+}
+
+function showMessage(role, text) {
+  const item = document.createElement("div");
+  item.className = `message ${role}`;
+  item.textContent = text;
+  $("messages").append(item);
+  return item;
+}
+
+$("mode-chat").addEventListener("change", () => setMode("chat"));
+$("mode-complete").addEventListener("change", () => setMode("complete"));
+$("reset").addEventListener("click", () => state.reset());
+
 $("chat").addEventListener("submit", async (event) => {
   event.preventDefault();
   $("send").disabled = true;
   $("answer").textContent = "";
   $("speed").textContent = "";
+  const options = { maxTokens: Number($("max-tokens").value) || 64, temperature: $("greedy").checked ? 0 : 0.7 };
   try {
-    const result = await state.complete({
-      prompt: $("prompt").value,
-      maxTokens: Number($("max-tokens").value) || 64,
-      temperature: $("greedy").checked ? 0 : 0.7,
-      onText: (text) => { $("answer").textContent = text; },
-    });
+    let result;
+    if (state.mode === "chat") {
+      const content = $("prompt").value;
+      showMessage("user", content);
+      const answer = showMessage("assistant", "");
+      result = await state.chat({ ...options, content, system: $("system").value || null, onText: (text) => { answer.textContent = text; } });
+      $("prompt").value = "";
+    } else {
+      result = await state.complete({ ...options, prompt: $("prompt").value, onText: (text) => { $("answer").textContent = text; } });
+    }
     const rate = result.tokensPerSecond ? `${result.tokensPerSecond.toFixed(1)} tokens/s` : "";
     $("speed").textContent = `first token after ${(result.firstTokenSeconds ?? result.seconds).toFixed(2)} s · ${rate}`;
   } catch (error) {

@@ -139,6 +139,18 @@ class PreviewHandler(SimpleHTTPRequestHandler):
             TYPES.get(target.suffix) or mimetypes.guess_type(target.name)[0] or "application/octet-stream",
         )
 
+    def conversation(self) -> dict | None:
+        """The bundle's conversation template as the chat mode shows it (None: completions only)."""
+        try:
+            chat_config = json.loads((self.bundle / "model" / "resolve" / "main" / "mlc-chat-config.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        conv = chat_config.get("conv_template")
+        if not isinstance(conv, dict):
+            return None
+        keys = ("name", "system_message", "stop_str", "stop_token_ids")
+        return {key: conv.get(key) for key in keys}
+
     def info(self) -> dict:
         record = self.config["model_list"][0]
         original = bundle_base(record)
@@ -148,6 +160,7 @@ class PreviewHandler(SimpleHTTPRequestHandler):
             version = json.loads(package.read_text()).get("version")
         return {
             "model_id": record["model_id"],
+            "conversation": self.conversation(),
             "required_features": record.get("required_features", []),
             "bundle_base": original,
             "served_base": self.served_base(),
