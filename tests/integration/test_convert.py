@@ -246,6 +246,11 @@ def test_invoke_convert_on_the_host(selftest, tmp_path):
     files = [path for path in out.rglob("*") if path.is_file()]
     assert any(path.name == "app-config.json" for path in files)
     assert {path.stat().st_uid for path in files} == {os.getuid()}
+    # named after the host folder, not the container's mount point; messages name host paths
+    record = json.loads((out / "app-config.json").read_text())["model_list"][0]
+    assert record["model_id"] == "bundle" and (out / "lib" / "bundle.wasm").is_file()
+    assert "cd bundle" in (out / "README.md").read_text()
+    assert f"Bundle in {out}" in result.stderr and "/output" not in result.stderr
 
 
 def test_invoke_convert_output_owned_by_the_given_user(selftest, tmp_path):
