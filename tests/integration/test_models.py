@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -39,26 +41,40 @@ Path("/work/reference.json").write_text(json.dumps(reference))
 """
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
-def converted(request, hermetic_chain, tmp_path_factory):
-    architecture, _, lora = request.param.partition("+")
-    if chromium_path() is None:
-        pytest.fail("Debian's chromium is not installed: run `bash .ci/setup.sh` as root")
-    work = tmp_path_factory.mktemp(request.param.replace("+", "-"))
+def convert_one(name: str, work: Path) -> tuple[dict | None, subprocess.CompletedProcess]:
+    """Make the model (and adapter) of `name` in the image, then convert it at q0f32 there."""
+    architecture, _, lora = name.partition("+")
     script = MAKE_MODEL % (STEPS, architecture, bool(lora), STEPS)
     made = subprocess.run(
-        ["docker", "run", "--rm", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}",
-         "-v", f"{work}:/work", "--entrypoint", "python", app_image(), "-c", script],
+        ["docker", "run", "--rm", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}", "-v",
+         f"{work}:/work", "--entrypoint", "python", app_image(), "-c", script],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
-    assert made.returncode == 0, made.stderr
-    reference = json.loads((work / "reference.json").read_text())
-    model_id = f"tiny-{request.param.replace('+', '-')}"
+    if made.returncode != 0:
+        return None, made
+    model_id = f"tiny-{name.replace('+', '-')}"
     args = ["convert", "/work/model", "-q", "q0f32", "--conv-template", "chatml", "--context-window", "256",
             "--prefill-chunk-size", "64", "--model-id", model_id, "-o", "/work/bundle"]  # fmt: skip
     if lora:
         args += ["--adapter", "/work/adapter"]
-    result = run_app(*args, mounts={work: "/work"})
+    return json.loads((work / "reference.json").read_text()), run_app(*args, mounts={work: "/work"}, timeout=1800)
+
+
+@pytest.fixture(scope="module")
+def matrix(hermetic_chain, tmp_path_factory):
+    """Every conversion of the matrix, two at a time (a conversion's link keeps one core busy)."""
+    if chromium_path() is None:
+        pytest.fail("Debian's chromium is not installed: run `bash .ci/setup.sh` as root")
+    works = {name: tmp_path_factory.mktemp(name.replace("+", "-")) for name in ARCHITECTURES}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(convert_one, name, work) for name, work in works.items()}
+    return {name: (works[name], *futures[name].result()) for name in ARCHITECTURES}
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def converted(request, matrix):
+    work, reference, result = matrix[request.param]
+    assert reference is not None, f"making the {request.param} model failed:\n{result.stderr}"
     assert result.returncode == 0, result.stderr
     return request.param, work, reference, result
 
