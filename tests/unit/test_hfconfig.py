@@ -20,6 +20,15 @@ MLC_CLASSES = {
     "gpt_neox": ("gpt_neox/gpt_neox_model.py", "GPTNeoXConfig"),
     "phi3": ("phi3/phi3_model.py", "Phi3Config"),
 }
+# Llama 3's rope as transformers 5 saves it (in rope_parameters, with its base)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 128,
+}
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 32}
 
 
@@ -70,14 +79,7 @@ def test_both_dialects_give_the_same_view(tmp_path):
 
 
 def test_llama3_scaling_is_handed_over_with_its_parameters(tmp_path):
-    rope = {
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 128,
-    }
+    rope = dict(LLAMA3_ROPE)
     folder = saved(tmp_path, LlamaConfig(**TINY, rope_parameters=rope))
     config, _ = mlc_config(json.loads((folder / "config.json").read_text()), hf_view(folder), real_reads("llama"))
     assert config["rope_theta"] == 500000.0
@@ -148,14 +150,7 @@ def test_parity_guard_names_every_field(tmp_path):
 
 
 def test_parity_guard_catches_dropped_rope_scaling(tmp_path):
-    rope = {
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 128,
-    }
+    rope = dict(LLAMA3_ROPE)
     hf = hf_view(saved(tmp_path, LlamaConfig(**TINY, rope_parameters=rope)))
     found = parity_mismatches(mlc_model_config(position_embedding_base=500000.0), hf)
     assert len(found) == 1 and found[0].startswith('rope scaling: transformers {"rope_type": "llama3"')

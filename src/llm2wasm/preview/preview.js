@@ -111,13 +111,18 @@ state.complete = async function complete({ prompt, maxTokens = 16, temperature =
     if (onText) onText(text);
     if (chunk.usage) usage = chunk.usage;
   }
+  return finished(started, first, text, usage);
+};
+
+// What a generation returns: its text, the token ids WebLLM sampled (read from its pipeline:
+// internal state, for checks only), the time to the first token and the decode rate.
+function finished(started, first, text, usage) {
   const seconds = (performance.now() - started) / 1000;
-  // The token ids WebLLM sampled, read from its pipeline (internal state, for checks only).
-  const pipeline = engine.loadedModelIdToPipeline?.get(state.modelId);
+  const pipeline = state.engine.loadedModelIdToPipeline?.get(state.modelId);
   const tokenIds = pipeline ? Array.from(pipeline.outputIds) : null;
   const decodeRate = usage?.extra?.decode_tokens_per_s;
   return { text, tokenIds, firstTokenSeconds: first, seconds, tokensPerSecond: decodeRate ?? (tokenIds ? tokenIds.length / seconds : null), usage };
-};
+}
 
 // One chat turn through engine.chat.completions (the conversation template wraps the messages);
 // the turn is added to state.messages. Resolves like complete().
@@ -140,12 +145,8 @@ state.chat = async function chat({ content, system = null, maxTokens = 16, tempe
     if (onText) onText(text);
     if (chunk.usage) usage = chunk.usage;
   }
-  const seconds = (performance.now() - started) / 1000;
-  const pipeline = engine.loadedModelIdToPipeline?.get(state.modelId);
-  const tokenIds = pipeline ? Array.from(pipeline.outputIds) : null;
   state.messages.push({ role: "user", content }, { role: "assistant", content: text });
-  const decodeRate = usage?.extra?.decode_tokens_per_s;
-  return { text, tokenIds, firstTokenSeconds: first, seconds, tokensPerSecond: decodeRate ?? (tokenIds ? tokenIds.length / seconds : null), usage };
+  return finished(started, first, text, usage);
 };
 
 state.reset = async function reset() {
