@@ -181,13 +181,28 @@ def test_resume_after_a_killed_run(selftest, tmp_path):
     assert (tmp_path / "out" / "lib" / "out.wasm").read_bytes()[:4] == b"\0asm"
 
 
-def test_real_compile_failure_is_a_failed_step_with_the_log_tail(selftest, tmp_path):
-    """mlc_llm's own error (an unsupported model type) surfaces as a failed step, exit status 1."""
+def test_a_model_type_nothing_knows_is_refused_before_any_step(selftest, tmp_path):
     run, _ = selftest
     model = tmp_path / "model"
     shutil.copytree(run / "tiny-llama", model)
     config = json.loads((model / "config.json").read_text())
     config["model_type"] = "llama-from-the-future"
+    (model / "config.json").write_text(json.dumps(config))
+    result = run_app("convert", "/model", "-q", "q4f32_1", "--conv-template", "llama-2", "-o", "/work/out",
+                     mounts={model: "/model:ro", tmp_path: "/work"})  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "transformers 5.24.0 cannot read /model/config.json" in result.stderr
+    assert "llama-from-the-future" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_real_compile_failure_is_a_failed_step_with_the_log_tail(selftest, tmp_path):
+    """mlc_llm's own error surfaces as a failed step with its log tail, exit status 1: here its
+    LlamaConfig rejects a pipeline_parallel_stages above the layer count (transformers ignores it)."""
+    run, _ = selftest
+    model = tmp_path / "model"
+    shutil.copytree(run / "tiny-llama", model)
+    config = json.loads((model / "config.json").read_text())
+    config["pipeline_parallel_stages"] = 99
     (model / "config.json").write_text(json.dumps(config))
     result = run_app(
         "convert",
@@ -202,7 +217,7 @@ def test_real_compile_failure_is_a_failed_step_with_the_log_tail(selftest, tmp_p
     )
     assert result.returncode == 1, result.stderr
     assert "step gen_config failed; last lines of" in result.stderr
-    assert "llama-from-the-future" in result.stderr  # mlc_llm's own message, from the log tail
+    assert 'Invalid "pipeline_parallel_stages" value (99)' in result.stderr  # mlc_llm's own, from the log tail
     assert "finished steps are kept" in result.stderr
 
 

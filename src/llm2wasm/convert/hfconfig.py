@@ -128,7 +128,12 @@ def hf_view(model_dir: Path) -> HfView:
     try:
         config = AutoConfig.from_pretrained(str(model_dir)).to_dict()
     except (ValueError, KeyError, OSError) as error:
-        raise UsageError(f"transformers cannot read {model_dir}/config.json: {error}") from None
+        import transformers
+
+        first = str(error).strip().split("\n")[0]
+        raise UsageError(
+            f"transformers {transformers.__version__} cannot read {model_dir}/config.json: {first}"
+        ) from None
     return view_of(config)
 
 

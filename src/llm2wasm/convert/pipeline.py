@@ -448,6 +448,11 @@ def run_convert(args) -> int:
         f"llm2wasm {__version__}: {request.model_dir} -> {request.output} "
         f"({request.quantization}, template {request.conv_template}{adapter_note})"
     )
+    # What cannot be handed to mlc_llm faithfully is refused before anything is written or removed.
+    model_config = ModelConfigAdapter()
+    model_config.check(request.model_dir)
+    converter = Converter(request, model_config)
+    converter.device()  # `--device cuda` without a GPU is bad input too
     if request.force and request.output.exists():
         # Replace what is there; of an earlier bundle keep only the finished steps (.llm2wasm/):
         # their keys decide what is redone.
@@ -457,11 +462,6 @@ def run_convert(args) -> int:
                 continue
             remove(entry)
     started = time.monotonic()
-    # What cannot be handed to mlc_llm faithfully is refused before anything is written.
-    model_config = ModelConfigAdapter()
-    model_config.check(request.model_dir)
-    converter = Converter(request, model_config)
-    converter.device()  # before anything is written: `--device cuda` without a GPU is bad input
     converter.ws.state["request"] = identity
     try:
         converter.run()

@@ -132,6 +132,8 @@ state.chat = async function chat({ content, system = null, maxTokens = 16, tempe
   const messages = [];
   if (system) messages.push({ role: "system", content: system });
   messages.push(...state.messages, { role: "user", content });
+  showMessage("user", content);
+  const bubble = showMessage("assistant", "");
   let first = null;
   let text = "";
   let usage = null;
@@ -142,6 +144,7 @@ state.chat = async function chat({ content, system = null, maxTokens = 16, tempe
     const delta = chunk.choices?.[0]?.delta?.content || "";
     if (delta && first === null) first = (performance.now() - started) / 1000;
     text += delta;
+    bubble.textContent = text;
     if (onText) onText(text);
     if (chunk.usage) usage = chunk.usage;
   }
@@ -160,6 +163,7 @@ function setMode(mode) {
   state.mode = mode;
   $(`mode-${mode}`).checked = true;
   $("chat-only").hidden = mode !== "chat";
+  $("answer-block").hidden = mode === "chat";
   $("reset").hidden = mode !== "chat";
   $("prompt-label").textContent = mode === "chat" ? "Message" : "Prompt";
 }
@@ -185,10 +189,7 @@ $("chat").addEventListener("submit", async (event) => {
   try {
     let result;
     if (state.mode === "chat") {
-      const content = $("prompt").value;
-      showMessage("user", content);
-      const answer = showMessage("assistant", "");
-      result = await state.chat({ ...options, content, system: $("system").value || null, onText: (text) => { answer.textContent = text; } });
+      result = await state.chat({ ...options, content: $("prompt").value, system: $("system").value || null });
       $("prompt").value = "";
     } else {
       result = await state.complete({ ...options, prompt: $("prompt").value, onText: (text) => { $("answer").textContent = text; } });
