@@ -5,7 +5,7 @@ WebLLM's chat API wraps messages in the bundle's conversation template (`mlc-cha
 check passes. So when the model has a chat template (`tokenizer_config.json` `chat_template` or
 `chat_template.jinja`), a few fixed conversations are rendered with it by transformers
 (`apply_chat_template(..., tokenize=False, add_generation_prompt=True)`) and with every template
-the installed mlc_llm registers (its own `Conversation.as_prompt`, in the image's Python), and the
+the installed mlc_llm's gen_config accepts (its own `Conversation.as_prompt`, in the image's Python), and the
 template that renders identically is chosen. The default system message is compared aside: a
 template whose only difference is its default system message matches, and the model's default is
 carried over as `system_message` in `mlc-chat-config.json`. Stop tokens are taken from the
@@ -38,12 +38,14 @@ SENTINEL = "\x00llm2wasm-system-message\x00"
 
 _RENDER_SCRIPT = """
 import json, sys
-import mlc_llm.conversation_template  # registers every template
-from mlc_llm.conversation_template.registry import ConvTemplateRegistry
+from mlc_llm.conversation_template import ConvTemplateRegistry
+from mlc_llm.interface.gen_config import CONV_TEMPLATES  # the names gen_config accepts
 request = json.load(sys.stdin)
 out = {}
-for name in sorted(ConvTemplateRegistry._conv_templates):
+for name in sorted(CONV_TEMPLATES):
     base = ConvTemplateRegistry.get_conv_template(name)
+    if base is None:
+        continue
     renders = []
     for messages in request["conversations"]:
         conv = base.model_copy(deep=True)

@@ -210,7 +210,7 @@ def mlc_config(raw: dict, hf: HfView, reads: MlcConfigReads) -> tuple[dict, list
 
 
 # ------------------------------------------------------------------ the parity guard
-# field -> (mlc_llm model_config keys that may hold it, how to read transformers' value)
+# field -> the mlc_llm model_config keys that may hold it (transformers' values: _hf_values)
 _ALIASES = {
     "rope base": ("position_embedding_base", "rope_theta", "rotary_emb_base"),
     "layers": ("num_hidden_layers", "num_layers", "n_layer"),
