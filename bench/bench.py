@@ -190,8 +190,8 @@ def browser(image: str) -> list[str]:
     """The tiny q0f32 bundle in the preview page, headless Chromium on the CPU (SwiftShader): load time,
     time to the first token and decode rate, for a fresh browser page and a second page in it."""
     sys.path.insert(0, str(ROOT))
+    from llm2wasm.browser import run_preview_page
     from llm2wasm.run import PreviewJob, preview_command
-    from tests.browser import run_preview_page
 
     work = Path(tempfile.mkdtemp(prefix="llm2wasm-bench-browser-"))
     user = f"{os.getuid()}:{os.getgid()}"
@@ -229,13 +229,58 @@ def browser(image: str) -> list[str]:
     return lines
 
 
+MATRIX = ("qwen2", "qwen3", "phi3", "gpt_neox")
+
+
+def matrix_rows(image: str) -> list[str]:
+    """The architecture matrix's conversions (tests/integration/test_models.py): one at a time
+    against two at a time, the same models (made once, in the image)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    work = Path(tempfile.mkdtemp(prefix="llm2wasm-bench-matrix-"))
+    user = f"{os.getuid()}:{os.getgid()}"
+    base = ["docker", "run", "--rm", "--network", "none", "--user", user, "-v", f"{work}:/w"]
+    for name in MATRIX:
+        script = (
+            "from pathlib import Path; from llm2wasm.convert.tiny import make_browser_check_model; "
+            f"make_browser_check_model(Path('/w/{name}'), architecture={name!r})"
+        )
+        timed([*base, "--entrypoint", "python", image, "-c", script])
+
+    def convert(name: str, out: str) -> float:
+        return timed([*base, image, "convert", f"/w/{name}", "-q", "q0f32", "--conv-template", "chatml",
+                      "--context-window", "256", "--prefill-chunk-size", "64", "-o", f"/w/{out}-{name}"])  # fmt: skip
+
+    started = time.monotonic()
+    each = {name: convert(name, "one") for name in MATRIX}
+    one_at_a_time = time.monotonic() - started
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda name: convert(name, "two"), MATRIX))
+    two_at_a_time = time.monotonic() - started
+    shutil.rmtree(work, ignore_errors=True)
+    per_model = ", ".join(f"{name} {seconds:.0f}" for name, seconds in each.items())
+    return [
+        f"| architecture matrix, q0f32 ({len(MATRIX)} models: {per_model} s each) | seconds | vs one at a time |",
+        "| --- | --- | --- |",
+        f"| one at a time | {one_at_a_time:.1f} | 1.00 |",
+        f"| two at a time (the test's way) | {two_at_a_time:.1f} | {two_at_a_time / one_at_a_time:.2f} |",
+        "",
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--skip-builds", action="store_true")
     parser.add_argument("--only-builds", action="store_true", help="no conversions and no browser")
+    parser.add_argument(
+        "--only-matrix", action="store_true", help="only the architecture matrix's conversions (built hermetic image)"
+    )
     args = parser.parse_args()
     mirror.up()
     lines = [f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} ({os.cpu_count()} cores)", ""]
+    if args.only_matrix:
+        return record(lines + matrix_rows("llm2wasm:app-hermetic"))
     if not args.skip_builds:
         lines += build_rows()
     if args.only_builds:
