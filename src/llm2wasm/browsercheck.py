@@ -94,7 +94,7 @@ def browser_check(image: str, work: Path, screenshot: Path | None = None, say=pr
     tokens = run.results[0]["tokenIds"] if run.results else None
     problems = [f"preview: {e}" for e in run.preview_errors] + [f"page: {e}" for e in run.page_errors]
     problems += [f"WebGPU: {e}" for e in run.webgpu_errors[:5]]
-    problems += [f"request off 127.0.0.1: {url}" for url in run.foreign_requests]
+    problems += [f"request off 127.0.0.1: {request}" for request in run.foreign_requests]
     if tokens != reference["reference_ids"]:
         problems.append(f"WebLLM generated {tokens}, transformers {reference['reference_ids']}")
     return BrowserCheck(image, browser, reference, tokens, repaired, run, problems)
