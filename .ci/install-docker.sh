@@ -2,7 +2,7 @@
 # Install and start what llm2wasm's integration tests need on a fresh Debian host:
 # Debian's docker.io (engine + 20.10 CLI), the buildx plugin (so any docker CLI on PATH
 # can build with BuildKit), debootstrap (hermetic base image), git, patch, docker-registry,
-# chromium (browser test) and npm (the mirror packs WebLLM).
+# chromium (browser test), npm (the mirror packs WebLLM) and gcc (a stand-in CUDA library).
 # Idempotent: every step checks first. Needs root.
 set -euo pipefail
 
@@ -20,6 +20,8 @@ command -v docker-registry >/dev/null 2>&1 || need_pkgs+=(docker-registry)
 [[ -x /usr/bin/chromium ]] || need_pkgs+=(chromium)
 # npm packs the pinned @mlc-ai/web-llm for the hermetic mirror
 command -v npm >/dev/null 2>&1 || need_pkgs+=(npm)
+# gcc compiles the stand-ins for a CUDA wheel's library and the NVIDIA driver (tests/standins/cuda-wheel)
+command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
 if ((${#need_pkgs[@]})); then
   log "apt-get install ${need_pkgs[*]}"
   apt-get update -qq

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -66,16 +67,55 @@ def hermetic_build_args(mirror) -> list[str]:
     return ["--profile", HERMETIC, "--quiet", "--set", f"mlc_llm_requirement={mirror.mlc_llm_requirement()}"]
 
 
-def build_derived_image(tag: str, dockerfile: str) -> None:
-    """A small image FROM a built layer, from a Dockerfile given as text (no context)."""
+def build_derived_image(tag: str, dockerfile: str, context: Path | None = None) -> None:
+    """A small image FROM a built layer, from a Dockerfile given as text (no context unless given)."""
     subprocess.run(
-        ["docker", "build", "-q", "-t", tag, "-"],
+        ["docker", "build", "-q", "-t", tag, *(["-f", "-", str(context)] if context else ["-"])],
         input=dockerfile,
         text=True,
         check=True,
         capture_output=True,
         env={**os.environ, "DOCKER_BUILDKIT": "1"},
     )
+
+
+CUDA_WHEEL_STANDIN = ROOT / "tests" / "standins" / "cuda-wheel"
+
+
+@dataclass(frozen=True)
+class CudaWheelStandin:
+    site: Path  # where a wheel would be installed: tvm/libtvm_runtime.so, which needs libcuda.so.1
+    driver: Path  # a folder holding the stand-in NVIDIA driver, libcuda.so.1
+
+    @property
+    def library(self) -> Path:
+        return self.site / "tvm" / "libtvm_runtime.so"
+
+
+@pytest.fixture(scope="session")
+def cuda_wheel_standin(tmp_path_factory) -> CudaWheelStandin:
+    """tests/standins/cuda-wheel compiled with the host's gcc (x86-64 and AArch64 hosts alike)."""
+    root = tmp_path_factory.mktemp("cuda-wheel")
+    standin = CudaWheelStandin(root / "site-packages", root / "driver")
+    standin.library.parent.mkdir(parents=True)
+    standin.driver.mkdir()
+    gcc = ["gcc", "-shared", "-fPIC", "-O1"]
+    link_driver = ["-L", standin.driver, "-l:libcuda.so.1"]
+    subprocess.run(
+        [
+            *gcc,
+            "-Wl,-soname,libcuda.so.1",
+            "-o",
+            standin.driver / "libcuda.so.1",
+            CUDA_WHEEL_STANDIN / "nvidia_driver.c",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [*gcc, "-Wl,-z,now", "-o", standin.library, CUDA_WHEEL_STANDIN / "tvm_runtime.c", *link_driver],
+        check=True,
+    )
+    return standin
 
 
 def image_exists(ref: str) -> bool:

@@ -1,5 +1,7 @@
 """Checks for the ml layer: pinned wheels installed, importable, consistent."""
 
+import json
+
 import pytest
 
 from llm2wasm.checks import normalize, requirement_pin, version_matches
@@ -40,10 +42,11 @@ def test_tvm_and_mlc_llm_import_together(python_facts):
     hint = ""
     if "libcuda.so.1" in (fact.get("error") or ""):
         # TVM's CUDA runtime links the driver's libcuda.so.1 (apache/tvm cmake/modules/CUDA.cmake),
-        # which no wheel carries: checks and builds run without a GPU (docker build never has one)
+        # which no wheel carries and checks run without a GPU: the ml layer's driver stub stands in
         hint = (
-            "\nThe MLC CUDA wheels need the NVIDIA driver's libcuda.so.1 to import, and image checks run "
-            "without a GPU: build the cpu profile (WebGPU compilation needs no CUDA), or report the wheel"
+            "\nThe MLC CUDA wheels need the NVIDIA driver's libcuda.so.1, and image checks run without a GPU: "
+            "the ml layer's driver stub is missing or off (see test_cuda_driver_stub_covers_every_library_that_"
+            "needs_the_driver and LLM2WASM_CUDA_DRIVER_STUB)"
         )
     assert fact["ok"], (fact["error"] or "") + hint
 
@@ -71,3 +74,36 @@ def test_torch_build_matches_variant(python_facts, pins):
         assert out != "cpu", "a CUDA variant got a CPU-only torch"
     else:
         assert out == "cpu", f"a CPU variant got torch for CUDA {out}"
+
+
+DRIVER_STUB_FACTS = r"""
+import json, sys
+sys.path.insert(0, "/opt/llm2wasm")
+import cuda_driver_stub as stub
+imports = stub.driver_imports(stub.site_packages())
+hooks = [str(folder / (stub.HOOK_MODULE + ".pth")) for folder in stub.site_packages()]
+print(json.dumps({
+    "imports": {str(path): sorted(names) for path, names in imports.items()},
+    "stub": sorted(stub.read_dynamic(stub.STUB_PATH)[4]) if stub.STUB_PATH.exists() else None,
+    "hook": any(__import__("os").path.exists(hook) for hook in hooks),
+}))
+"""
+
+
+def test_cuda_driver_stub_covers_every_library_that_needs_the_driver(exec_):
+    # Image checks and builds run without a GPU: a wheel library that needs libcuda.so.1 loads only
+    # through the stub (src/llm2wasm/cuda_driver_stub.py), which must define every driver function
+    # it imports. Where nothing needs the driver (CPU wheels) nothing may be written.
+    result = exec_.python(DRIVER_STUB_FACTS, timeout=300)
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout.strip().splitlines()[-1])
+    if not facts["imports"]:
+        assert facts["stub"] is None and not facts["hook"], "a driver stub was installed though no library needs it"
+        return
+    assert facts["stub"] is not None and facts["hook"], (
+        f"{', '.join(facts['imports'])} need libcuda.so.1, but no driver stub and start-up hook are installed: "
+        "run `python /opt/llm2wasm/cuda_driver_stub.py install` after the last pip install of the ml layer"
+    )
+    for library, names in facts["imports"].items():
+        missing = sorted(set(names) - set(facts["stub"]))
+        assert not missing, f"the driver stub lacks {', '.join(missing)}, which {library} imports"
