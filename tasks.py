@@ -53,6 +53,7 @@ SET_HELP = "override one pin for this run, KEY=VALUE (repeatable), e.g. emsdk_ve
         "report": "also write the build report (sizes, times, installed versions) to FILE.md or FILE.json",
         "no_preflight": "do not first check that every remote pin resolves (registry, wheel index, git, npm)",
         "no_selftest": "skip the real conversion in the final image (by hand only: such an image is not publishable)",
+        "jobs": "layers built at once where the graph allows (default 2: the web toolchain beside the ML wheels)",
     },
     iterable=["set_"],
 )
@@ -71,8 +72,9 @@ def build(
     report=None,
     no_preflight=False,
     no_selftest=False,
+    jobs=2,
 ):
-    """Build the layer chain; each layer is verified (testinfra) before the next is built.
+    """Build the layer graph; each layer is verified (testinfra) before any layer built on it.
 
     The final image counts as verified only after a real conversion in it (`llm2wasm selftest`)."""
     from llm2wasm.build import Reporter, build_plan
@@ -97,7 +99,9 @@ def build(
         from llm2wasm.preflight import preflight_or_stop
 
         preflight_or_stop(plan.profile, [step.layer.name for step in plan.steps], reporter.say)
-    results = build_plan(plan, reporter, reverify=reverify, no_cache=no_cache, selftest=not no_selftest)
+    if int(jobs) < 1:
+        raise UsageError(f"--jobs {jobs}: build at least one layer at a time (--jobs 1 builds them one by one)")
+    results = build_plan(plan, reporter, reverify=reverify, no_cache=no_cache, selftest=not no_selftest, jobs=int(jobs))
     summary = build_report(plan.profile.name, results)
     print(summary.to_markdown())
     if report:

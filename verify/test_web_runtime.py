@@ -1,10 +1,9 @@
-"""Checks for the web-runtime layer: both web runtimes built, from the TVM that mlc-llm pins."""
+"""Checks for the web-runtime layer: both web runtimes built, from the TVM that mlc-llm pins. Whether that
+TVM is the installed wheel's is checked where both meet (test_runtime_env.py)."""
 
 import posixpath
 
 import pytest
-
-from llm2wasm.checks import tvm_commit_check
 
 TVM_OUTPUTS = [
     "wasm_runtime.bc",
@@ -43,17 +42,3 @@ def test_tvm_source_is_the_submodule_mlc_llm_pins(host, image_env):
     pinned = host.check_output(f"git -C {image_env['MLC_LLM_SOURCE_DIR']} ls-tree HEAD 3rdparty/tvm").split()[2]
     checked_out = host.check_output(f"git -C {image_env['TVM_SOURCE_DIR']} rev-parse HEAD")
     assert checked_out == pinned
-
-
-def test_web_runtime_tvm_is_the_installed_tvms_commit(host, python_facts, image_env):
-    libinfo = python_facts["libinfo_commit"]
-    built = libinfo["value"] if libinfo["ok"] else None  # no libinfo at all (apache/tvm since 2026-04-30)
-    version = python_facts["tvm_and_mlc_llm"]["value"]
-    git = f"git -C {image_env['TVM_SOURCE_DIR']}"
-    source = host.check_output(f"{git} rev-parse HEAD")
-    public = version.split("+", 1)[0]
-    tagged = host.run(f"{git} rev-parse --quiet --verify 'refs/tags/v{public}^{{commit}}'")
-    check = tvm_commit_check(built, source, version, tagged.stdout.strip() if tagged.rc == 0 else None)
-    if check.status == "unknown":
-        pytest.skip(check.message)
-    assert check.status == "match", check.message

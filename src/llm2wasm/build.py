@@ -1,16 +1,22 @@
-"""Build the layer chain; each layer must pass its checks before the next is built.
+"""Build the layer graph; each layer must pass its checks before any layer built on it is built.
 
 For each step: docker build (BuildKit, untagged) -> checks in a container of the new image
 (skipped when this image ID already passed the same checks; the parents' checks run again only
-when the layer changed something they look at, see llm2wasm.layerdiff) -> tag. The first failure stops the
-build, names the layer and shows the failing output; nothing after it is built or tagged.
+when the layer changed something they look at, see llm2wasm.layerdiff) -> tag. Layers whose
+dependencies are all ready build at the same time (the web toolchain beside the ML wheels; one's
+checks overlap the other's build). The first failure stops the build, names the layer and shows
+the failing output; nothing that depends on it is built or tagged, nothing new is started, and a
+layer of the other branch already under way is finished first.
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,29 +36,32 @@ class Reporter:
     log_dir: Path = STATE_DIR / "logs"
     stream: object = field(default=sys.stderr)
     heartbeat_seconds: float = 30.0
-    _started: float = field(default=0.0, init=False)
-    _last_beat: float = field(default=0.0, init=False)
-    _step: str = field(default="", init=False)
+    # per layer: two layers build at once
+    _started: dict[str, float] = field(default_factory=dict, init=False)
+    _last_beat: dict[str, float] = field(default_factory=dict, init=False)
+    _step: dict[str, str] = field(default_factory=dict, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def say(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        with self._lock:
+            print(text, file=self.stream, flush=True)
 
-    def start_layer(self) -> None:
-        self._started = self._last_beat = time.monotonic()
-        self._step = ""
+    def start_layer(self, layer: str) -> None:
+        self._started[layer] = self._last_beat[layer] = time.monotonic()
+        self._step[layer] = ""
 
     def build_line(self, layer: str, line: str, log) -> None:
         log.write(line + "\n")
         if not self.quiet:
-            print(f"  {layer} | {line}", file=self.stream, flush=True)
+            self.say(f"  {layer} | {line}")
             return
         # BuildKit's plain progress announces each step as "#N [stage k/n] INSTRUCTION"
         if line.startswith("#") and " [" in line and "]" in line:
-            self._step = line.split(" ", 1)[1][:100]
+            self._step[layer] = line.split(" ", 1)[1][:100]
         now = time.monotonic()
-        if now - self._last_beat >= self.heartbeat_seconds:
-            self._last_beat = now
-            self.say(f"    {layer}: building, {now - self._started:.0f}s so far: {self._step}")
+        if now - self._last_beat.get(layer, now) >= self.heartbeat_seconds:
+            self._last_beat[layer] = now
+            self.say(f"    {layer}: building, {now - self._started[layer]:.0f}s so far: {self._step[layer]}")
 
 
 @dataclass
@@ -65,15 +74,50 @@ class LayerResult:
     verified: str  # "passed" | "cached"
 
 
-def derive_args(step: Step, parent_tag: str | None) -> dict[str, str]:
+def derive_args(step: Step, tags: dict[str, str]) -> dict[str, str]:
+    """The layer's derived build args, each read from the built image of the layer the registry names."""
     derived: dict[str, str] = {}
-    for arg in step.layer.derived_args:
+    for arg, source in step.layer.derived_args.items():
         if arg == "CUDA_LIBRARY_PATH":
             script = Path(cuda_libs.__file__).read_text()
-            derived[arg] = docker.run_script(parent_tag, script).strip() if parent_tag else ""
+            derived[arg] = docker.run_script(tags[source], script).strip()
         else:  # a registry entry names a derived arg nobody knows how to make
             raise AssertionError(f"no rule to derive build arg {arg}")
     return derived
+
+
+# Layers built at once: the graph has two branches, and BuildKit builds two images side by side.
+BUILD_JOBS = 2
+
+
+def run_graph(steps: list[Step], run_step: Callable[[Step], LayerResult], jobs: int = BUILD_JOBS) -> list[LayerResult]:
+    """Run each step once everything it depends on has finished, up to ``jobs`` at once.
+
+    After a failure nothing new starts; steps already running finish (their results stand), then
+    the first failure is raised. Results come back in plan order."""
+    done: dict[str, LayerResult] = {}
+    failure: BaseException | None = None
+    pending = list(steps)
+    running: dict[Future, Step] = {}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        while pending or running:
+            if failure is None:
+                for step in [s for s in pending if all(name in done for name in s.layer.depends_on)]:
+                    if len(running) < max(1, jobs):
+                        pending.remove(step)
+                        running[pool.submit(run_step, step)] = step
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                step = running.pop(future)
+                try:
+                    done[step.layer.name] = future.result()
+                except BaseException as error:  # BuildFailed, or anything else a step raised
+                    failure = failure or error
+    if failure is not None:
+        raise failure
+    return [done[step.layer.name] for step in steps]
 
 
 def build_plan(
@@ -83,22 +127,25 @@ def build_plan(
     reverify: bool = False,
     no_cache: bool = False,
     selftest: bool = True,
+    jobs: int = BUILD_JOBS,
 ) -> list[LayerResult]:
     reporter = reporter or Reporter()
     docker.ensure_engine()
     state = VerifiedImages(plan.profile.name)
-    results: list[LayerResult] = []
     total = len(plan.steps)
     log_dir = reporter.log_dir / plan.profile.name
     log_dir.mkdir(parents=True, exist_ok=True)
-    for index, step in enumerate(plan.steps, 1):
-        name = step.layer.name
-        parent_tag = plan.steps[index - 2].tag if index > 1 else None
+    tags = {step.layer.name: step.tag for step in plan.steps}
+    positions = {step.layer.name: f"[{index}/{total}]" for index, step in enumerate(plan.steps, 1)}
+
+    def build_step(step: Step) -> LayerResult:
+        name, position = step.layer.name, positions[step.layer.name]
+        parent_tag = tags[step.layer.parent] if step.layer.parent else None
         args = dict(step.build_args)
-        args.update(derive_args(step, parent_tag))
-        reporter.say(f"==> [{index}/{total}] {name}: building {step.tag}")
+        args.update(derive_args(step, tags))
+        reporter.say(f"==> {position} {name}: building {step.tag}")
         log_path = log_dir / f"{name}.log"
-        reporter.start_layer()
+        reporter.start_layer(name)
         started = time.monotonic()
         with tempfile.TemporaryDirectory() as tmp, open(log_path, "w") as log:
             iidfile = Path(tmp) / "iid"
@@ -108,7 +155,7 @@ def build_plan(
                 build_args=args,
                 network=step.network,
                 iidfile=iidfile,
-                on_line=lambda line, name=name, log=log: reporter.build_line(name, line, log),
+                on_line=lambda line: reporter.build_line(name, line, log),
                 no_cache=no_cache,
             )
             image_id = iidfile.read_text().strip() if iidfile.exists() else ""
@@ -116,8 +163,7 @@ def build_plan(
         if status != 0 or not image_id:
             tail = "\n".join(log_path.read_text().splitlines()[-40:])
             reporter.say(
-                f"!!! [{index}/{total}] {name}: docker build failed after {build_seconds:.1f}s "
-                f"(full log: {log_path})\n{tail}"
+                f"!!! {position} {name}: docker build failed after {build_seconds:.1f}s (full log: {log_path})\n{tail}"
             )
             raise BuildFailed(name, f"docker build failed (exit {status}); log: {log_path}", tail)
         reporter.say(f"    {name}: built {image_id[:19]} in {build_seconds:.1f}s")
@@ -149,8 +195,9 @@ def build_plan(
                 state.forget(name, image_id)
                 kept = keep_failed_image(image_id, step.tag)
                 reporter.say(
-                    f"!!! [{index}/{total}] {name}: checks FAILED ({result.summary}) in "
-                    f"{result.seconds:.1f}s; not tagged {step.tag}, later layers not built.\n{result.output}\n"
+                    f"!!! {position} {name}: checks FAILED ({result.summary}) in "
+                    f"{result.seconds:.1f}s; not tagged {step.tag}, the layers built on it not built.\n"
+                    f"{result.output}\n"
                     f"The failed image is kept as {kept} (the previous one it replaces is removed); look inside: "
                     f"docker run --rm -it --entrypoint bash {kept}"
                 )
@@ -158,9 +205,7 @@ def build_plan(
             reporter.say(f"    {name}: checks passed ({result.summary}) in {verify_seconds:.1f}s")
             if step.layer.selftest:
                 if selftest:
-                    verify_seconds += run_selftest_gate(
-                        image_id, name, step.tag, f"[{index}/{total}]", reporter, log_dir
-                    )
+                    verify_seconds += run_selftest_gate(image_id, name, step.tag, position, reporter, log_dir)
                 else:
                     reporter.say(
                         f"    {name}: selftest skipped (--no-selftest): tagged, but not publishable until "
@@ -169,11 +214,12 @@ def build_plan(
             state.record(name, image_id, digest)
             verified = "passed"
         retag(image_id, step.tag)
-        results.append(LayerResult(name, step.tag, image_id, build_seconds, verify_seconds, verified))
         reporter.say(
-            f"<== [{index}/{total}] {name}: {step.tag} ready (build {build_seconds:.1f}s, verify {verify_seconds:.1f}s)"
+            f"<== {position} {name}: {step.tag} ready (build {build_seconds:.1f}s, verify {verify_seconds:.1f}s)"
         )
-    return results
+        return LayerResult(name, step.tag, image_id, build_seconds, verify_seconds, verified)
+
+    return run_graph(plan.steps, build_step, jobs)
 
 
 SELFTEST_TIMEOUT = 1800.0

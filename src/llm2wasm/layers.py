@@ -1,8 +1,11 @@
 """The layer registry: the one list that build order, verify selection, tags and CI read.
 
 Each layer is an image built ``FROM`` its parent's image (``ARG BASE_IMAGE``), from
-``images/<name>/Dockerfile``, and is checked by ``verify/test_<module>.py`` before its child is
-built. ``build_args`` maps Dockerfile ARG names to pins in ``images/pins.toml``.
+``images/<name>/Dockerfile``, and is checked by ``verify/test_<module>.py`` before any layer built
+on it. A layer may also join other layers: it copies their results in (``ARG <NAME>_IMAGE``, e.g.
+``ML_IMAGE``), so the layers form a graph of branches, not one chain: the web toolchain does not
+depend on the ML wheels, and a new wheel pin rebuilds only the ML branch and the join.
+``build_args`` maps Dockerfile ARG names to pins in ``images/pins.toml``.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ class Layer:
     summary: str
     # Dockerfile ARG -> pin key
     build_args: dict[str, str] = field(default_factory=dict)
-    # Build args the builder derives from the parent image (see build.derive_args)
-    derived_args: tuple[str, ...] = ()
+    # Layers whose images this one copies from (COPY --from), besides the one it is built FROM
+    joins: tuple[str, ...] = ()
+    # Build args the builder derives from a built image: ARG -> the layer whose image it is read
+    # from (see build.derive_args)
+    derived_args: dict[str, str] = field(default_factory=dict)
     # A real conversion in the built image (`llm2wasm selftest`) after its checks: no image is
     # recorded as verified, pushed or published unless one ran in it
     selftest: bool = False
@@ -36,8 +42,18 @@ class Layer:
     def check_module(self) -> Path:
         return PROJECT_ROOT / "verify" / f"test_{self.name.replace('-', '_')}.py"
 
+    @property
+    def depends_on(self) -> tuple[str, ...]:
+        """The layers that must be built (and pass their checks) before this one."""
+        return ((self.parent,) if self.parent else ()) + self.joins
+
     def tag(self, profile: str, repository: str = "llm2wasm") -> str:
         return f"{repository}:{self.name}-{profile}"
+
+
+def image_arg(layer: str) -> str:
+    """The Dockerfile ARG that names a joined layer's image: ml -> ML_IMAGE."""
+    return f"{layer.upper().replace('-', '_')}_IMAGE"
 
 
 LAYERS: tuple[Layer, ...] = (
@@ -69,9 +85,10 @@ LAYERS: tuple[Layer, ...] = (
             "BITSANDBYTES_REQUIREMENT": "bitsandbytes_requirement",
         },
     ),
+    # The web toolchain branch: built from the Python layer (emsdk runs on Python), not the ML wheels
     Layer(
         "emsdk",
-        "ml",
+        "python",
         "emscripten: a pinned emsdk checkout with the pinned SDK, or Debian's package; emcc, node, npm on PATH",
         {
             "EMSCRIPTEN_SOURCE": "emscripten_source",
@@ -87,11 +104,14 @@ LAYERS: tuple[Layer, ...] = (
         "mlc-llm at the pinned ref with submodules; mlc-llm and TVM web runtimes built from its TVM",
         {"MLC_LLM_REPO": "mlc_llm_repo", "MLC_LLM_REF": "mlc_llm_ref"},
     ),
+    # The join: the web toolchain's image with the ML branch's virtual environment copied in
     Layer(
         "runtime-env",
         "web-runtime",
-        "LD_LIBRARY_PATH from the installed nvidia-* wheels; TVM's emcc.py patched (patches/)",
-        derived_args=("CUDA_LIBRARY_PATH",),
+        "the ML wheels joined onto the web toolchain; LD_LIBRARY_PATH from the installed nvidia-* wheels; "
+        "TVM's emcc.py patched (patches/)",
+        joins=("ml",),
+        derived_args={"CUDA_LIBRARY_PATH": "ml"},
     ),
     Layer(
         "app",
@@ -121,13 +141,20 @@ def get_layer(name: str) -> Layer:
 
 
 def ancestors(name: str) -> list[Layer]:
-    """The layer and every layer below it, base first."""
-    chain = []
-    layer: Layer | None = get_layer(name)
-    while layer is not None:
-        chain.append(layer)
-        layer = LAYERS_BY_NAME[layer.parent] if layer.parent else None
-    return list(reversed(chain))
+    """The layer and every layer it is built from or joins, in build order (base first)."""
+    wanted: set[str] = set()
+    pending = [get_layer(name).name]
+    while pending:
+        current = pending.pop()
+        if current not in wanted:
+            wanted.add(current)
+            pending.extend(LAYERS_BY_NAME[current].depends_on)
+    return [layer for layer in LAYERS if layer.name in wanted]
+
+
+def descendants(name: str) -> list[Layer]:
+    """Every layer built from or joining ``name``, directly or not, in build order."""
+    return [layer for layer in LAYERS if layer.name != name and name in {a.name for a in ancestors(layer.name)}]
 
 
 def layers_until(name: str | None) -> list[Layer]:
@@ -138,15 +165,20 @@ def layers_until(name: str | None) -> list[Layer]:
 
 
 def validate_registry() -> None:
-    """The registry is a chain in order and every file it names exists."""
+    """The registry is in build order (every layer after what it depends on) and every file it names exists."""
     seen: set[str] = set()
     for layer in LAYERS:
-        if layer.parent is not None and layer.parent not in seen:
-            raise AssertionError(f"layer {layer.name} comes before its parent {layer.parent}")
+        for dependency in layer.depends_on:
+            if dependency not in seen:
+                raise AssertionError(f"layer {layer.name} comes before {dependency}, which it depends on")
+        for arg, source in layer.derived_args.items():
+            if source not in layer.depends_on:
+                raise AssertionError(f"layer {layer.name} derives {arg} from {source}, which it does not depend on")
+        seen.add(layer.name)
+    for layer in LAYERS:
         for path in (layer.dockerfile, layer.check_module):
             if not path.is_file():
                 raise AssertionError(f"layer {layer.name}: {path} is missing")
-        seen.add(layer.name)
 
 
 def registry_json() -> str:
@@ -156,6 +188,7 @@ def registry_json() -> str:
             {
                 "name": layer.name,
                 "parent": layer.parent,
+                "joins": list(layer.joins),
                 "dockerfile": str(layer.dockerfile.relative_to(PROJECT_ROOT)),
                 "checks": str(layer.check_module.relative_to(PROJECT_ROOT)),
                 "summary": layer.summary,

@@ -6,10 +6,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .layers import Layer, layers_until
+from .layers import Layer, image_arg, layers_until
 from .pins import PROJECT_ROOT, Profile
 
-DERIVED = "<derived at build time from the parent image>"
+DERIVED = "<derived at build time from the {} image>"
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,11 @@ class BuildPlan:
     def describe(self) -> str:
         lines = [f"profile {self.profile.name}: {self.profile.description}", f"context {self.context}", ""]
         for index, step in enumerate(self.steps, 1):
-            lines.append(f"[{index}/{len(self.steps)}] {step.layer.name} -> {step.tag}")
+            built_from = f" (from {step.layer.parent}" if step.layer.parent else ""
+            if step.layer.joins:
+                built_from += f", joins {', '.join(step.layer.joins)}"
+            built_from += ")" if built_from else ""
+            lines.append(f"[{index}/{len(self.steps)}] {step.layer.name} -> {step.tag}{built_from}")
             dockerfile = step.dockerfile
             if dockerfile.is_relative_to(self.context):
                 dockerfile = dockerfile.relative_to(self.context)
@@ -64,6 +68,10 @@ def make_plan(
     images_dir = images_dir or PROJECT_ROOT / "images"
     steps: list[Step] = []
     revision, created = git_revision()
+
+    def layer_tag(name: str) -> str:
+        return next(step.tag for step in steps if step.layer.name == name)
+
     for layer in layers_until(until):
         args: dict[str, str] = {}
         sources: dict[str, str] = {}
@@ -72,10 +80,12 @@ def make_plan(
             args[arg] = str(value).lower() if isinstance(value, bool) else str(value)
             sources[arg] = pin
         if layer.parent is not None:
-            args["BASE_IMAGE"] = steps[-1].tag
+            args["BASE_IMAGE"] = layer_tag(layer.parent)
             sources.pop("BASE_IMAGE", None)
-        for arg in layer.derived_args:
-            args[arg] = DERIVED
+        for joined in layer.joins:
+            args[image_arg(joined)] = layer_tag(joined)
+        for arg, source in layer.derived_args.items():
+            args[arg] = DERIVED.format(source)
         if layer.name == "app":
             args["LLM2WASM_REVISION"] = revision
             args["LLM2WASM_CREATED"] = created

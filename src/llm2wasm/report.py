@@ -127,22 +127,25 @@ def parse_probe(output: str) -> tuple[dict[str, str], int]:
 
 
 def build_report(profile: str, results) -> BuildReport:
+    from .layers import get_layer
+
     report = BuildReport(profile)
-    previous = 0
+    sizes: dict[str, int] = {}
     for result in results:
-        size = image_size(result.image_id)
+        size = sizes[result.layer] = image_size(result.image_id)
+        # own: what the layer adds to the image it is built FROM (a join counts what it copies in)
+        parent = get_layer(result.layer).parent
         report.layers.append(
             LayerRow(
                 result.layer,
                 result.tag,
                 size,
-                max(size - previous, 0),
+                max(size - sizes.get(parent, 0), 0) if parent else size,
                 round(result.build_seconds, 1),
                 round(result.verify_seconds, 1),
                 result.verified,
             )
         )
-        previous = size
     if results:
         probe = docker.run(
             ["run", "--rm", "--network", "none", "--entrypoint", "sh", results[-1].image_id, "-c", PROBE], check=False

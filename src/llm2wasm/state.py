@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +36,8 @@ class VerifiedImages:
 
     def __init__(self, profile: str, state_dir: Path = STATE_DIR):
         self.path = state_dir / "state" / f"{profile}.json"
+        # layers of two branches are verified at the same time
+        self._lock = threading.Lock()
         try:
             self.records = json.loads(self.path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
@@ -55,12 +58,14 @@ class VerifiedImages:
         tmp.replace(self.path)
 
     def record(self, layer: str, image_id: str, digest: str) -> None:
-        self.records[self._key(layer, image_id)] = {
-            "checks_digest": digest,
-            "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        self._save()
+        with self._lock:
+            self.records[self._key(layer, image_id)] = {
+                "checks_digest": digest,
+                "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            self._save()
 
     def forget(self, layer: str, image_id: str) -> None:
-        if self.records.pop(self._key(layer, image_id), None) is not None:
-            self._save()
+        with self._lock:
+            if self.records.pop(self._key(layer, image_id), None) is not None:
+                self._save()

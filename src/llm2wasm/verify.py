@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
-from .layers import ancestors
+from .layers import ancestors, get_layer
 from .pins import PROJECT_ROOT, Profile
 
 VERIFY_DIR = PROJECT_ROOT / "verify"
@@ -67,6 +67,11 @@ def select_checks(layer: str, image: str, parent_image: str | None, cache_dir: P
     from .layerdiff import parent_check_reasons
 
     reasons = parent_check_reasons(parent_image, image, cache_dir)
+    joins = get_layer(layer).joins
+    if joins:
+        # the joined branch's files passed their checks in another image, with another environment
+        # around them: the comparison with the image this one is built FROM cannot vouch for them
+        reasons = [f"it joins {', '.join(joins)}: every branch's checks run on the joined image", *reasons]
     if not reasons:
         return CheckSelection(own, [])
     return CheckSelection(check_modules(layer), reasons)

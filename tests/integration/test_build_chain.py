@@ -1,5 +1,5 @@
-"""The whole hermetic chain with a real Docker engine: built, verified layer by layer, and stopped
-at the first layer whose checks fail."""
+"""The whole hermetic layer graph with a real Docker engine: built, verified layer by layer (the two
+branches side by side), and stopped at the first layer whose checks fail."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from llm2wasm.layers import LAYERS
+from llm2wasm.layers import LAYERS, ancestors, descendants, get_layer
 from llm2wasm.pins import resolve_profile
 from llm2wasm.verify import run_checks
 from tests.conftest import HERMETIC, ROOT, build_derived_image, hermetic_build_args, image_exists, invoke
@@ -48,7 +48,10 @@ def test_unchanged_layers_are_not_verified_again(hermetic_chain, hermetic_mirror
     data = json.loads(report.read_text())
     assert [row["layer"] for row in data["layers"]] == LAYER_NAMES
     assert all(row["size_bytes"] > 0 and row["result"] == "cached" for row in data["layers"])
-    assert data["layers"][-1]["size_bytes"] == sum(row["own_bytes"] for row in data["layers"])
+    # own: what a layer adds to the image it is built FROM (the join: the ML branch it copies in)
+    sizes = {row["layer"]: row["size_bytes"] for row in data["layers"]}
+    for row in data["layers"][1:]:
+        assert row["size_bytes"] == sizes[get_layer(row["layer"]).parent] + row["own_bytes"], row
     pins = resolve_profile(HERMETIC)
     assert data["versions"]["apache-tvm"] == pins["mlc_ai_requirement"].split("==")[1]
     assert data["versions"]["emcc"] == pins["emsdk_version"] and data["versions"]["mlc-llm"].startswith("0.1.dev0+g")
@@ -87,6 +90,18 @@ BREAKAGES = {
         "ENV LD_LIBRARY_PATH=/usr/local/cuda/lib64",
         "test_path_entries_in_metadata_exist",
     ),
+    # A join that breaks what the web toolchain's branch promised: each branch's checks run again
+    # on the joined image and catch it
+    "join-drops-a-tvm-web-bc": (
+        "runtime-env",
+        "USER 0\nRUN rm $TVM_SOURCE_DIR/web/dist/wasm/webgpu_runtime.bc\nUSER 10001:10001",
+        "test_tvm_web_runtime_built",
+    ),
+    "join-overwrites-the-emscripten-cache": (
+        "runtime-env",
+        'USER 0\nRUN rm -rf "$EM_CACHE" && mkdir "$EM_CACHE"\nUSER 10001:10001',
+        "test_debian_cache_is_the_prebuilt_one",
+    ),
     # A child that breaks what a parent's checks look at, in the layer whose parents' checks
     # otherwise carry over (the app layer): the parents' checks must run again and catch it.
     "child-uninstalls-torch": (
@@ -120,13 +135,16 @@ def test_broken_layer_stops_the_build(hermetic_chain, hermetic_mirror, tmp_path,
         assert check in output and "FAILED" in output
         if kind.startswith("child-"):
             assert f"{layer}: verifying (testinfra: its checks and its parents' again (removed /" in output
-        position = LAYER_NAMES.index(layer)
-        for before in LAYER_NAMES[:position]:
-            assert image_exists(f"{repository}:{before}-{HERMETIC}"), before
-        for after in LAYER_NAMES[position:]:
-            assert not image_exists(f"{repository}:{after}-{HERMETIC}"), f"{after} was tagged"
-        for later in LAYER_NAMES[position + 1 :]:
-            assert f"] {later}: building" not in output, f"{later} was built after a failed layer"
+        if kind.startswith("join-"):
+            assert f"{layer}: verifying (testinfra: its checks and its parents' again (" in output
+        # what it is built from was built and tagged; nothing built on it was built or tagged (the
+        # other branch may have been: it does not depend on the broken layer)
+        for before in ancestors(layer)[:-1]:
+            assert image_exists(f"{repository}:{before.name}-{HERMETIC}"), before.name
+        assert not image_exists(f"{repository}:{layer}-{HERMETIC}"), f"{layer} was tagged"
+        for later in descendants(layer):
+            assert not image_exists(f"{repository}:{later.name}-{HERMETIC}"), f"{later.name} was tagged"
+            assert f"] {later.name}: building" not in output, f"{later.name} was built after a failed layer"
         # one inspectable image of the failed layer, named with the command to look inside
         kept = f"{repository}-failed:{layer}-{HERMETIC}"
         assert image_exists(kept) and f"docker run --rm -it --entrypoint bash {kept}" in output

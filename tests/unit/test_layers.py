@@ -3,20 +3,58 @@ import re
 
 import pytest
 
+from llm2wasm import layers
 from llm2wasm.errors import UsageError
-from llm2wasm.layers import LAYERS, ancestors, get_layer, layers_until, registry_json, validate_registry
+from llm2wasm.layers import (
+    LAYERS,
+    Layer,
+    ancestors,
+    descendants,
+    get_layer,
+    image_arg,
+    layers_until,
+    registry_json,
+    validate_registry,
+)
 from llm2wasm.pins import PROJECT_ROOT
 
 
-def test_registry_is_a_chain_with_files():
+def test_registry_is_in_build_order_with_files():
     validate_registry()
     assert [layer.name for layer in LAYERS] == ["base", "python", "ml", "emsdk", "web-runtime", "runtime-env", "app"]
 
 
+def test_the_web_toolchain_is_a_branch_beside_the_ml_wheels_joined_at_runtime_env():
+    assert [layer.name for layer in ancestors("web-runtime")] == ["base", "python", "emsdk", "web-runtime"]
+    assert [layer.name for layer in ancestors("ml")] == ["base", "python", "ml"]
+    assert [layer.name for layer in ancestors("runtime-env")] == [layer.name for layer in LAYERS[:-1]]
+    assert [layer.name for layer in descendants("ml")] == ["runtime-env", "app"]
+    assert [layer.name for layer in descendants("emsdk")] == ["web-runtime", "runtime-env", "app"]
+    assert get_layer("runtime-env").depends_on == ("web-runtime", "ml")
+    assert image_arg("web-runtime") == "WEB_RUNTIME_IMAGE"
+
+
 def test_ancestors_and_until():
-    assert [layer.name for layer in ancestors("emsdk")] == ["base", "python", "ml", "emsdk"]
+    assert [layer.name for layer in ancestors("emsdk")] == ["base", "python", "emsdk"]
     assert [layer.name for layer in layers_until("python")] == ["base", "python"]
     assert len(layers_until(None)) == len(LAYERS)
+
+
+@pytest.mark.parametrize(
+    ("broken", "message"),
+    [
+        ((Layer("b", "a", "x"), Layer("a", None, "x")), "layer b comes before a, which it depends on"),
+        ((Layer("a", None, "x"), Layer("b", "a", "x", joins=("c",))), "layer b comes before c"),
+        (
+            (Layer("a", None, "x"), Layer("b", "a", "x", derived_args={"X": "c"})),
+            "layer b derives X from c, which it does not depend on",
+        ),
+    ],
+)
+def test_a_registry_out_of_order_is_refused(monkeypatch, broken, message):
+    monkeypatch.setattr(layers, "LAYERS", broken)
+    with pytest.raises(AssertionError, match=message):
+        validate_registry()
 
 
 def test_unknown_layer():
@@ -29,6 +67,7 @@ def test_registry_json_for_ci():
     assert data[0] == {
         "name": "base",
         "parent": None,
+        "joins": [],
         "dockerfile": "images/base/Dockerfile",
         "checks": "verify/test_base.py",
         "summary": LAYERS[0].summary,
@@ -44,7 +83,7 @@ def test_no_verify_module_outside_the_registry():
 def test_dockerfile_declares_exactly_the_registry_args(layer):
     text = layer.dockerfile.read_text()
     declared = set(re.findall(r"^ARG ([A-Z0-9_]+)", text, re.MULTILINE)) - {"DEBIAN_FRONTEND"}
-    expected = set(layer.build_args) | set(layer.derived_args) | {"BASE_IMAGE"}
+    expected = set(layer.build_args) | set(layer.derived_args) | {"BASE_IMAGE"} | {image_arg(j) for j in layer.joins}
     if layer.name == "app":
         expected |= {"LLM2WASM_REVISION", "LLM2WASM_CREATED"}
     assert declared == expected

@@ -52,7 +52,9 @@ def test_verify_all_carries_parents_over_where_nothing_changed(fake_images, tmp_
     calls, _ = fake_images
     results = list(verify.verify_built(resolve_profile("hermetic"), cache_dir=tmp_path))
     assert [result.passed for result, _ in results] == [True] * len(LAYERS)
-    assert all(len(names) == 1 for _, names in calls)
+    # every layer but the join: the joined branch's checks always run on the joined image
+    assert {layer: len(names) for layer, names in calls if len(names) > 1} == {"runtime-env": len(LAYERS) - 1}
+    assert dict(calls)["runtime-env"] == ["base", "python", "ml", "emsdk", "web_runtime", "runtime_env"]
 
 
 def test_a_failed_parent_makes_its_children_run_every_check(fake_images, tmp_path):
@@ -61,18 +63,24 @@ def test_a_failed_parent_makes_its_children_run_every_check(fake_images, tmp_pat
     results = list(verify.verify_built(resolve_profile("hermetic"), cache_dir=tmp_path))
     by_layer = {result.layer: (result, selection) for result, selection in results}
     assert not by_layer["ml"][0].passed
-    # the child relied on ml's result; it runs ml's checks itself now, and fails with them
+    # the join runs ml's checks itself, and fails with them
+    join_result, join_selection = by_layer["runtime-env"]
+    assert join_selection.reasons == ["it joins ml: every branch's checks run on the joined image"]
+    assert "ml" in module_names(join_selection.modules)
+    assert not join_result.passed
+    # the app layer relied on its parents' results, which did not hold: it runs every check itself
+    app_result, app_selection = by_layer["app"]
+    assert app_selection.reasons == ["a parent failed its checks"] and not app_result.passed
+    # the web toolchain's branch does not depend on ml: its results stand on their own
     emsdk_result, emsdk_selection = by_layer["emsdk"]
-    assert emsdk_selection.reasons == ["a parent failed its checks"]
-    assert "ml" in module_names(emsdk_selection.modules)
-    assert not emsdk_result.passed
+    assert emsdk_result.passed and emsdk_selection.reasons == []
     assert by_layer["python"][0].passed
 
 
 def test_one_layer_or_full_runs_every_parents_checks(fake_images, tmp_path):
     calls, _ = fake_images
     list(verify.verify_built(resolve_profile("hermetic"), "web-runtime", cache_dir=tmp_path))
-    assert calls[-1] == ("web-runtime", ["base", "python", "ml", "emsdk", "web_runtime"])
+    assert calls[-1] == ("web-runtime", ["base", "python", "emsdk", "web_runtime"])
     calls.clear()
     list(verify.verify_built(resolve_profile("hermetic"), full=True, cache_dir=tmp_path))
     assert len(calls[-1][1]) == len(LAYERS)
