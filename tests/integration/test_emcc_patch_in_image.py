@@ -97,7 +97,8 @@ def test_patched_helper_resolves_bitcode_with_real_tvm(hermetic_chain, version):
 def test_drifted_helper_stops_the_runtime_env_build(hermetic_chain):
     drifted = "llm2wasm-broken:emcc-drifted"
     dockerfile = (
-        f"FROM llm2wasm:web-runtime-{HERMETIC}\n"
+        # the installed TVM comes from the ML branch, which the runtime-env layer joins
+        f"FROM llm2wasm:ml-{HERMETIC}\n"
         "RUN sed -i 's/all_libs = \\[\\]/all_libs = list()/' "
         "/opt/venv/lib/python3.11/site-packages/tvm/support/emcc.py\n"
     )
@@ -109,7 +110,7 @@ def test_drifted_helper_stops_the_runtime_env_build(hermetic_chain):
             status = docker.build(
                 dockerfile=step.dockerfile,
                 context=ROOT,
-                build_args={"BASE_IMAGE": drifted, "CUDA_LIBRARY_PATH": ""},
+                build_args={**step.build_args, "ML_IMAGE": drifted, "CUDA_LIBRARY_PATH": ""},
                 network="host",
                 iidfile=Path(tmp) / "iid",
                 on_line=lines.append,
