@@ -790,7 +790,7 @@ def test_a_cpu_torch_in_a_cuda_profile_is_refused(server, git_remote):
 
 
 def test_stable_pins_one_cuda_major():
-    from llm2wasm.preflight import torch_cuda_major
+    from llm2wasm.preflight.wheels import torch_cuda_major
 
     stable = resolve_profile("stable")
     assert stable.cuda_major == 13  # the variant of the MLC wheels
