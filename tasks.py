@@ -9,6 +9,7 @@ invoke test | lint | layers | mirror | publish | doctor | clean
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -217,6 +218,63 @@ def convert(
     status = run_convert_job(job)
     if status:
         raise Exit(code=status)
+
+
+@task(
+    help={
+        "spec": "the batch spec (models.toml; docs/BATCH.md); its paths are relative to its folder",
+        "output": "folder for the bundles (OUT/<model_id>/), the combined app-config.json and batch-report.json",
+        "jobs": "items converted at once (default: one per core, at most one per 8 GiB of memory)",
+        "matrix": "print the GitHub Actions matrix of the items (JSON) and run nothing",
+        "k8s": "print a Kubernetes Indexed Job (YAML) whose pod N converts item N, and run nothing",
+        "claim": "--k8s: the PersistentVolumeClaim holding the models (the spec's folder) and outputs (out/)",
+        "parallelism": "--k8s: pods at once (default 2)",
+        "profile": "which built image to use (llm2wasm:app-PROFILE); default stable",
+        "image": "run (or, with --k8s, name) this image instead of llm2wasm:app-PROFILE",
+        "cpu": "do not pass the GPU even when Docker has the NVIDIA runtime",
+    }
+)
+@friendly
+def batch(
+    c,
+    spec,
+    output=None,
+    jobs=None,
+    matrix=False,
+    k8s=False,
+    claim="llm2wasm-batch",
+    parallelism=2,
+    profile="stable",
+    image=None,
+    cpu=False,
+):
+    """Convert every item of a batch spec in the built image, a few at a time; one app config for all."""
+    from llm2wasm import batch as batch_spec
+    from llm2wasm.layers import FINAL_LAYER, get_layer
+
+    image = image or get_layer(FINAL_LAYER).tag(profile)
+    if matrix or k8s:
+        loaded = batch_spec.load_spec(Path(spec), check_paths=False)
+        if matrix:
+            print(json.dumps(batch_spec.matrix(loaded)))
+        else:
+            documents = batch_spec.kubernetes_manifests(
+                loaded, Path(spec).read_text(), image=image, claim=claim, parallelism=int(parallelism)
+            )
+            print(batch_spec.to_yaml(documents), end="")
+        return
+    if not output:
+        raise UsageError("batch needs --output (-o): invoke batch models.toml -o OUT")
+    from llm2wasm.batchrun import run_batch
+
+    results = run_batch(Path(spec), Path(output), image, jobs=int(jobs) if jobs else None, gpu=False if cpu else None)
+    print(batch_spec.table(results))
+    succeeded = [outcome for outcome in results if outcome.status == "ok"]
+    print(f"{len(succeeded)} of {len(results)} bundle(s) in {Path(output) / 'app-config.json'}", file=sys.stderr)
+    if len(succeeded) < len(results):
+        raise Exit(
+            f"{len(results) - len(succeeded)} item(s) failed; their logs are in {Path(output) / '.batch'}/", code=1
+        )
 
 
 @task(

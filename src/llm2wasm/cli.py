@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .preview.server import add_preview_arguments
 
     add_preview_arguments(sub.add_parser("preview", help="serve a bundle with a chat page that runs it in WebLLM"))
+    from .batch import add_batch_arguments
+
+    add_batch_arguments(sub.add_parser("batch", help="many conversions from one spec (models.toml), item by item"))
     return parser
 
 

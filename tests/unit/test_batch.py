@@ -1,0 +1,290 @@
+"""The batch spec: validated as a whole, expanded into items; the item command; collecting the bundles;
+the GitHub matrix and the Kubernetes Indexed Job made from the same spec."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llm2wasm import batch
+from llm2wasm.batch import collect, item_index, kubernetes_manifests, load_spec, matrix, parse_spec, to_yaml
+from llm2wasm.cli import main as llm2wasm
+from llm2wasm.errors import UsageError
+
+SPEC = """
+base_url = "https://models.example.com/webllm"
+
+[defaults]
+quantizations = ["q4f16_1"]
+context_window = 2048
+
+[[model]]
+path = "models/qwen"
+adapter = "adapters/support"
+quantizations = ["q4f16_1", "q0f32"]
+conv_template = "chatml"
+model_id = "qwen-support"
+resources = { cpu = "4", memory = "16Gi" }
+
+[[model]]
+path = "models/llama"
+prefill_chunk_size = 1024
+resources = { cpu = "2", memory = "24Gi", gpu = 1 }
+"""
+
+
+@pytest.fixture
+def spec_dir(tmp_path) -> Path:
+    for folder in ("models/qwen", "models/llama", "adapters/support"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "models.toml").write_text(SPEC)
+    return tmp_path
+
+
+def problems_of(text: str, root: Path) -> str:
+    with pytest.raises(UsageError) as raised:
+        parse_spec(text, root / "models.toml", check_paths=True)
+    assert raised.value.exit_code == 2
+    return str(raised.value)
+
+
+def test_items_are_one_model_in_one_quantization_in_spec_order(spec_dir):
+    spec = load_spec(spec_dir / "models.toml")
+    assert spec.base_url == "https://models.example.com/webllm/"
+    assert [(i.index, i.model_id, i.quantization) for i in spec.items] == [
+        (0, "qwen-support-q4f16_1", "q4f16_1"),
+        (1, "qwen-support-q0f32", "q0f32"),
+        (2, "llama-q4f16_1", "q4f16_1"),  # model_id defaults to the folder's name; quantization from defaults
+    ]
+    first, _, llama = spec.items
+    assert first.adapter == "adapters/support" and first.conv_template == "chatml" and first.context_window == 2048
+    assert llama.adapter is None and llama.prefill_chunk_size == 1024 and llama.resources["gpu"] == "1"
+
+
+def test_an_item_is_the_convert_command_with_its_bundle_in_out_model_id(spec_dir):
+    spec = load_spec(spec_dir / "models.toml")
+    argv = spec.items[0].convert_argv(spec.root, Path("/output"), spec.base_url)
+    assert argv == [
+        f"{spec_dir}/models/qwen",
+        "--quantization",
+        "q4f16_1",
+        "--output",
+        "/output/qwen-support-q4f16_1",
+        "--model-id",
+        "qwen-support-q4f16_1",
+        "--base-url",
+        "https://models.example.com/webllm/qwen-support-q4f16_1/",
+        "--adapter",
+        f"{spec_dir}/adapters/support",
+        "--conv-template",
+        "chatml",
+        "--context-window",
+        "2048",
+    ]
+    # every argument is one `llm2wasm convert` accepts
+    from llm2wasm.cli import build_parser
+
+    parsed = build_parser().parse_args(["convert", *argv])
+    assert parsed.adapter.endswith("adapters/support") and parsed.context_window == 2048
+
+
+def test_every_problem_is_listed_with_its_entry(spec_dir):
+    text = """
+base_url = "models.example.com"
+colour = "blue"
+[defaults]
+quantisations = ["q4f16_1"]
+[[model]]
+path = "models/qwen"
+quantizations = ["q4f16_1", "q3"]
+context_window = 0
+[[model]]
+path = "models/missing"
+model_id = "bad id"
+[[model]]
+path = "../outside"
+quantizations = ["q0f32"]
+[[model]]
+path = "models/llama"
+[[model]]
+path = "models/llama"
+quantizations = ["q0f32"]
+adapter = "adapters/nope"
+resources = { cpus = "2" }
+"""
+    message = problems_of(text, spec_dir)
+    expected = [
+        "base_url 'models.example.com' is not an absolute http(s) URL",
+        "unknown key 'colour'",
+        "[defaults]: unknown key 'quantisations' (did you mean 'quantizations'?)",
+        "model 0 (models/qwen): quantization 'q3' is not an mlc_llm name",
+        "model 0 (models/qwen): context_window must be a positive number of tokens, not 0",
+        "model 1 (models/missing): path 'models/missing' is not a folder under",
+        "model 1 (models/missing): model_id 'bad id' must be letters",
+        "model 2 (../outside): path '../outside' must be a folder below the spec's folder",
+        "model 3 (models/llama): no quantizations",
+        "model 4 (models/llama): adapter 'adapters/nope' is not a folder under",
+        "model 4 (models/llama): unknown resource 'cpus' (did you mean 'cpu'?)",
+        "nothing was converted",
+    ]
+    for text_part in expected:
+        assert text_part in message, text_part
+
+
+def test_model_ids_must_be_unique(spec_dir):
+    text = SPEC + '\n[[model]]\npath = "models/qwen"\nmodel_id = "qwen-support"\nquantizations = ["q0f32"]\n'
+    message = problems_of(text, spec_dir)
+    assert "model_id 'qwen-support-q0f32' is also model 0's" in message
+
+
+def test_not_toml_and_no_models(spec_dir):
+    assert "is not valid TOML" in problems_of("[[model]\n", spec_dir)
+    assert "no models" in problems_of('base_url = "https://a.example/"\n', spec_dir)
+    with pytest.raises(UsageError, match=r"batch spec .* not found"):
+        load_spec(spec_dir / "nope.toml")
+
+
+def test_item_number_from_the_argument_or_the_indexed_job(monkeypatch, spec_dir):
+    monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
+    assert item_index(1) == 1
+    with pytest.raises(UsageError, match="pass --item N, or set JOB_COMPLETION_INDEX"):
+        item_index(None)
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+    assert item_index(None) == 2
+    spec = load_spec(spec_dir / "models.toml")
+    with pytest.raises(UsageError, match=r"item 3 is not in .*: it has items 0 to 2"):
+        spec.item(3)
+
+
+def fake_bundle(output: Path, item, status: str = "ok", library: bytes = b"\0asm" * 10) -> None:
+    bundle = output / item.model_id
+    (bundle / "lib").mkdir(parents=True)
+    (bundle / "lib" / f"{item.model_id}.wasm").write_bytes(library)
+    record = {"model": f"https://x/{item.model_id}/model/", "model_id": item.model_id, "vram_required_MB": 12.5}
+    (bundle / "app-config.json").write_text(json.dumps({"model_list": [record]}))
+    batch.write_status(output, item, status, 3.0, 0 if status == "ok" else 1)
+
+
+def test_collect_lists_every_bundle_that_succeeded_and_reports_the_rest(spec_dir, tmp_path):
+    spec = load_spec(spec_dir / "models.toml")
+    out = tmp_path / "out"
+    fake_bundle(out, spec.items[0])
+    fake_bundle(out, spec.items[1], status="failed")
+    results, app_config = collect(spec, out)
+    assert [record["model_id"] for record in app_config["model_list"]] == ["qwen-support-q4f16_1"]
+    assert [outcome.status for outcome in results] == ["ok", "failed", "not run"]
+    assert json.loads((out / "app-config.json").read_text()) == app_config
+    report = json.loads((out / "batch-report.json").read_text())
+    assert report["items"][0] | {"library_bytes": 40, "vram_required_MB": 12.5} == report["items"][0]
+    assert [row["status"] for row in report["items"]] == ["ok", "failed", "not run"]
+    rendered = batch.table(results)
+    assert "| 0 | qwen-support-q4f16_1 | q4f16_1 | ok | 3 s | 0.0 MB | 12.5 |" in rendered
+    assert "| 2 | llama-q4f16_1 | q4f16_1 | not run |" in rendered
+
+
+def test_collect_command_exits_1_when_an_item_did_not_succeed(spec_dir, tmp_path, capsys):
+    spec = load_spec(spec_dir / "models.toml")
+    out = tmp_path / "out"
+    for item in spec.items:
+        fake_bundle(out, item)
+    assert llm2wasm(["batch", "collect", str(spec_dir / "models.toml"), "-o", str(out)]) == 0
+    shutil.rmtree(out / spec.items[2].model_id)  # reported done, but its bundle is gone
+    assert llm2wasm(["batch", "collect", str(spec_dir / "models.toml"), "-o", str(out)]) == 1
+    assert "2 of 3 bundle(s)" in capsys.readouterr().err
+
+
+def test_bad_spec_exits_2_from_every_step(spec_dir, capsys):
+    (spec_dir / "bad.toml").write_text('[[model]]\npath = "models/qwen"\n')
+    assert llm2wasm(["batch", "check", str(spec_dir / "bad.toml")]) == 2
+    assert "no quantizations" in capsys.readouterr().err
+    assert llm2wasm(["batch", "run", str(spec_dir / "bad.toml"), "--item", "0", "-o", str(spec_dir / "o")]) == 2
+    assert not (spec_dir / "o").exists()
+
+
+def test_matrix_for_github_actions(spec_dir, capsys):
+    assert llm2wasm(["batch", "matrix", str(spec_dir / "models.toml")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data == matrix(load_spec(spec_dir / "models.toml"))
+    assert [entry["item"] for entry in data["include"]] == [0, 1, 2]
+    assert data["include"][2] == {"item": 2, "model_id": "llama-q4f16_1", "quantization": "q4f16_1"}
+
+
+def manifests(spec_dir) -> list[dict]:
+    spec = load_spec(spec_dir / "models.toml")
+    return kubernetes_manifests(
+        spec,
+        (spec_dir / "models.toml").read_text(),
+        image="ghcr.io/example/llm2wasm:app",
+        claim="models",
+        parallelism=2,
+    )
+
+
+def test_kubernetes_indexed_job_field_by_field(spec_dir):
+    config_map, job = yaml.safe_load_all(to_yaml(manifests(spec_dir)))
+    assert config_map["kind"] == "ConfigMap" and config_map["data"]["models.toml"] == SPEC
+    assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == 3 and spec["parallelism"] == 2
+    assert spec["backoffLimitPerIndex"] == 1
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["securityContext"]["runAsUser"] == 10001
+    (container,) = pod["containers"]
+    assert container["image"] == "ghcr.io/example/llm2wasm:app"
+    # the item command; pod N gets JOB_COMPLETION_INDEX=N from Kubernetes
+    assert container["args"] == [
+        "batch",
+        "run",
+        "/etc/llm2wasm/models.toml",
+        "--root",
+        "/data",
+        "--output",
+        "/data/out",
+    ]
+    # the largest request of any item; a GPU as the device plugin's resource
+    assert container["resources"] == {"requests": {"cpu": "4", "memory": "24Gi"}, "limits": {"nvidia.com/gpu": "1"}}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "models"
+    assert volumes["spec"]["configMap"]["name"] == config_map["metadata"]["name"]
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    assert mounts == {"spec": "/etc/llm2wasm", "data": "/data"}
+
+
+def unknown_fields(value, type_name: str, where: str = "") -> list[str]:
+    """Keys of a manifest that the Kubernetes API does not define, read from the official client's
+    models (generated from the API's OpenAPI schema)."""
+    import kubernetes.client as models
+
+    if type_name.startswith(("List[", "list[")):
+        inner = type_name[5:-1]
+        return [problem for n, item in enumerate(value) for problem in unknown_fields(item, inner, f"{where}[{n}]")]
+    if type_name.startswith(("Dict[", "dict(")) or type_name in {"str", "int", "bool", "object", "float"}:
+        return []
+    model = getattr(models, type_name)
+    by_json_key = {json_key: attr for attr, json_key in model.attribute_map.items()}
+    problems = []
+    for key, item in value.items():
+        if key not in by_json_key:
+            problems.append(f"{where}.{key}")
+        else:
+            problems += unknown_fields(item, model.openapi_types[by_json_key[key]], f"{where}.{key}")
+    return problems
+
+
+def test_every_field_is_one_the_kubernetes_api_defines(spec_dir):
+    config_map, job = yaml.safe_load_all(to_yaml(manifests(spec_dir)))
+    assert unknown_fields(config_map, "V1ConfigMap") == []
+    assert unknown_fields(job, "V1Job") == []
+    job["spec"]["template"]["spec"]["containers"][0]["argz"] = []  # the check can fail
+    assert unknown_fields(job, "V1Job") == [".spec.template.spec.containers[0].argz"]
+
+
+def test_quantities_compare_by_value():
+    assert batch._quantity("500m") < batch._quantity("2") < batch._quantity("3")
+    assert batch._quantity("16Gi") > batch._quantity("16G")
+    with pytest.raises(UsageError, match="not like"):
+        batch._quantity("lots")
