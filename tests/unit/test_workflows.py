@@ -18,8 +18,8 @@ def load(path: Path) -> dict:
     return data
 
 
-def test_there_are_ci_and_publish_workflows():
-    assert {path.name for path in WORKFLOWS} == {"ci.yml", "publish.yml"}
+def test_there_are_ci_publish_and_convert_workflows():
+    assert {path.name for path in WORKFLOWS} == {"ci.yml", "publish.yml", "convert.yml"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -60,3 +60,41 @@ def test_ci_runs_the_same_script_as_this_repository():
 def test_publish_puts_the_build_report_in_the_job_summary():
     text = next(path for path in WORKFLOWS if path.name == "publish.yml").read_text()
     assert "--report build-report.md" in text and 'cat build-report.md >> "$GITHUB_STEP_SUMMARY"' in text
+
+
+def test_convert_fans_out_one_job_per_item_and_collects_them(tmp_path):
+    import json
+
+    from llm2wasm.cli import main as llm2wasm
+
+    workflow = load(next(p for p in WORKFLOWS if p.name == "convert.yml"))
+    assert {"workflow_call", "workflow_dispatch"} <= set(workflow["on"])
+    assert workflow["on"]["workflow_call"]["inputs"]["spec"]["required"] is True
+    plan, convert, collect = (workflow["jobs"][name] for name in ("plan", "convert", "collect"))
+    matrix_step = next(s for s in plan["steps"] if "batch matrix" in s.get("run", ""))
+    assert "batch check" in matrix_step["run"] and "matrix=$(docker run" in matrix_step["run"]
+    assert plan["outputs"]["matrix"] == "${{ steps.matrix.outputs.matrix }}" and matrix_step["id"] == "matrix"
+    strategy = convert["strategy"]
+    assert strategy["matrix"] == "${{ fromJSON(needs.plan.outputs.matrix) }}" and strategy["fail-fast"] is False
+    run = next(s for s in convert["steps"] if "batch run" in s.get("run", ""))
+    assert run["env"]["ITEM"] == "${{ matrix.item }}" and '--item "$ITEM"' in run["run"]
+    assert "--network none" in run["run"] and '--user "$(id -u):$(id -g)"' in run["run"]
+    upload = next(s for s in convert["steps"] if "upload-artifact" in s.get("uses", ""))
+    assert upload["if"] == "always()" and upload["with"]["include-hidden-files"] is True  # out/.batch/
+    assert collect["needs"] == "convert" and collect["if"] == "always()"
+    download = next(s for s in collect["steps"] if "download-artifact" in s.get("uses", ""))
+    assert download["with"] == {"pattern": "item-*", "path": "out", "merge-multiple": True}
+    assert any("batch collect" in s.get("run", "") and "GITHUB_STEP_SUMMARY" in s["run"] for s in collect["steps"])
+    # the fields the workflow reads from the matrix are the ones `llm2wasm batch matrix` writes
+    (tmp_path / "m").mkdir()
+    (tmp_path / "models.toml").write_text('[[model]]\npath = "m"\nquantizations = ["q0f32"]\n')
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert llm2wasm(["batch", "matrix", str(tmp_path / "models.toml")]) == 0
+    (entry,) = json.loads(out.getvalue())["include"]
+    text = next(p for p in WORKFLOWS if p.name == "convert.yml").read_text()
+    for field in ("item", "model_id"):
+        assert f"matrix.{field}" in text and field in entry

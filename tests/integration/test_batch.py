@@ -1,0 +1,156 @@
+"""`invoke batch` with the real hermetic chain: a spec of two models (one with a LoRA adapter) in two
+quantizations and one model that cannot be converted; the items run two at a time in the app image;
+the failed item is reported and the others finish; a re-run skips what is done; the combined app
+config has WebLLM's own fields; one of its bundles generates transformers' tokens in the browser;
+and the item command runs with JOB_COMPLETION_INDEX as a Kubernetes pod runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from llm2wasm.convert.webllm_types import interface_fields
+from tests.browser import chromium_path, run_preview_page, start_preview
+from tests.conftest import app_image, invoke
+
+STEPS = 8
+MAKE_MODELS = f"""
+import json
+from pathlib import Path
+from llm2wasm.convert.tiny import make_browser_check_adapter, make_browser_check_model
+reference = make_browser_check_model(Path("/work/models/llama"), steps={STEPS})
+make_browser_check_model(Path("/work/models/qwen2"), steps={STEPS}, architecture="qwen2")
+make_browser_check_adapter(Path("/work/models/qwen2"), Path("/work/adapters/qwen2-lora"), steps={STEPS})
+Path("/work/reference.json").write_text(json.dumps(reference))
+"""
+SPEC = """
+base_url = "http://127.0.0.1:8000/"
+
+[defaults]
+conv_template = "chatml"
+context_window = 256
+prefill_chunk_size = 64
+
+[[model]]
+path = "models/llama"
+quantizations = ["q0f32", "q4f32_1"]
+
+[[model]]
+path = "models/qwen2"
+adapter = "adapters/qwen2-lora"
+quantizations = ["q0f32"]
+
+[[model]]
+# a folder with no weights: `llm2wasm convert` refuses it, and only this item fails
+path = "models/broken"
+quantizations = ["q0f32"]
+"""
+ITEMS = ["llama-q0f32", "llama-q4f32_1", "qwen2-q0f32", "broken-q0f32"]
+
+
+@pytest.fixture(scope="module")
+def batch_dir(hermetic_chain, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("batch")
+    made = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}",
+         "-v", f"{root}:/work", "--entrypoint", "python", app_image(), "-c", MAKE_MODELS],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    (root / "models" / "broken").mkdir()
+    (root / "models" / "broken" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (root / "models.toml").write_text(SPEC)
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(batch_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    started = time.monotonic()
+    result = invoke("batch", str(batch_dir / "models.toml"), "-o", str(out), "--image", app_image(), "--jobs", "2")
+    return out, result, time.monotonic() - started
+
+
+def test_every_item_runs_the_failed_one_is_reported_and_the_others_finish(first_run):
+    out, result, _ = first_run
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "4 item(s) from" in result.stderr and "2 at a time" in result.stderr
+    for index, model_id in enumerate(ITEMS[:3]):
+        assert f"<== [{index}] {model_id}: done in" in result.stderr
+        assert (out / model_id / "lib" / f"{model_id}.wasm").is_file()
+    assert "!!! [3] broken-q0f32: failed (exit 2)" in result.stderr
+    assert "1 item(s) failed; their logs are in" in result.stderr
+    assert "no weights" in (out / ".batch" / "item-3.log").read_text().lower()
+    # the table: every item, its status, time, library size and vram_required_MB
+    assert "| 0 | llama-q0f32 | q0f32 | ok |" in result.stdout
+    assert "| 3 | broken-q0f32 | q0f32 | failed |" in result.stdout
+    report = json.loads((out / "batch-report.json").read_text())
+    assert [row["status"] for row in report["items"]] == ["ok", "ok", "ok", "failed"]
+    assert all(row["library_bytes"] > 0 and row["vram_required_MB"] > 0 for row in report["items"][:3])
+
+
+def test_the_combined_app_config_lists_every_bundle_with_webllms_fields(first_run):
+    out, _, _ = first_run
+    app_config = json.loads((out / "app-config.json").read_text())
+    records = app_config["model_list"]
+    assert [record["model_id"] for record in records] == ITEMS[:3]
+    declarations = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "--entrypoint", "sh", app_image(), "-c",
+         'cat "$LLM2WASM_WEBLLM_DIR/lib/config.d.ts"'],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert set(app_config) <= interface_fields(declarations, "AppConfig")
+    model_record = interface_fields(declarations, "ModelRecord")
+    for record in records:
+        assert set(record) <= model_record, set(record) - model_record
+        # served from base_url/<model_id>/, as each bundle's own app config says
+        assert record["model"] == f"http://127.0.0.1:8000/{record['model_id']}/model/"
+        assert record["model_lib"] == f"http://127.0.0.1:8000/{record['model_id']}/lib/{record['model_id']}.wasm"
+
+
+def test_a_rerun_skips_what_is_done(batch_dir, first_run):
+    out, _, first_seconds = first_run
+    started = time.monotonic()
+    result = invoke("batch", str(batch_dir / "models.toml"), "-o", str(out), "--image", app_image(), "--jobs", "2")
+    seconds = time.monotonic() - started
+    assert result.returncode == 1 and "!!! [3] broken-q0f32: failed" in result.stderr
+    for model_id in ITEMS[:3]:
+        log = (out / ".batch" / f"item-{ITEMS.index(model_id)}.log").read_text()
+        assert "unchanged inputs, kept from an earlier run" in log and "done in" not in log, log[-2000:]
+    assert seconds < first_seconds / 3, (seconds, first_seconds)
+
+
+def test_the_item_command_reads_the_index_a_kubernetes_pod_gets(batch_dir, first_run):
+    # the pod's command (no --item: Kubernetes sets JOB_COMPLETION_INDEX), with the local runner's
+    # mounts so that the finished item is recognised and resumed
+    out, _, _ = first_run
+    result = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}",
+         "-e", "JOB_COMPLETION_INDEX=1", "-v", f"{batch_dir}:/batch:ro", "-v", f"{out}:/output",
+         app_image(), "batch", "run", "/batch/models.toml", "--output", "/output"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "item 1 of 4: llama-q4f32_1" in result.stderr
+    status = json.loads((out / ".batch" / "item-1.json").read_text())
+    assert status["status"] == "ok" and status["model_id"] == "llama-q4f32_1" and status["seconds"] < 60
+
+
+def test_a_bundle_of_the_batch_generates_transformers_tokens_in_the_browser(batch_dir, first_run):
+    if chromium_path() is None:
+        pytest.fail("Debian's chromium is not installed: run `bash .ci/setup.sh` as root")
+    out, _, _ = first_run
+    reference = json.loads((batch_dir / "reference.json").read_text())
+    url, name = start_preview(out / "llama-q0f32")
+    try:
+        run = run_preview_page(url, reference["prompt"], STEPS)
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    assert not run.page_errors and not run.webgpu_errors, (run.page_errors, run.webgpu_errors[:5])
+    (result,) = run.results
+    assert result["tokenIds"] == reference["reference_ids"]
