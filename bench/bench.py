@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -191,6 +192,63 @@ def conversions(image: str) -> dict[str, float]:
     return results
 
 
+COMPILE_DONE = re.compile(r"compile done in ([0-9.]+)s")
+
+
+def link_rows(image: str) -> list[str]:
+    """The model library linked against the runtime objects the image prebuilt (the default) vs the
+    runtime bitcode emcc compiles again at every link (LLM2WASM_WASM_RUNTIME_DIR pointed at a folder
+    holding only the .bc files): the compile step's time, and whether the libraries are equivalent
+    (same exports and imports, size within 10 %). Each twice, alternating, the faster counts."""
+    from llm2wasm.convert.wasm_lib import inspect_library
+
+    work = Path(tempfile.mkdtemp(prefix="llm2wasm-bench-"))
+    user = f"{os.getuid()}:{os.getgid()}"
+    base = ["docker", "run", "--rm", "--network", "none", "--user", user, "-v", f"{work}:/w"]
+    timed([*base, image, "selftest", "--keep", "/w/models"])
+    copy = "mkdir -p /w/bc && cp $LLM2WASM_WASM_RUNTIME_DIR/*.bc /w/bc/"
+    timed([*base, "--entrypoint", "sh", image, "-c", copy])
+    args = ["convert", "/w/models/tiny-llama", "-q", "q4f32_1", "--conv-template", "llama-2"]
+    runs = {"prebuilt runtime objects (default)": [], "runtime bitcode, compiled at every link": []}
+    env = {
+        "prebuilt runtime objects (default)": [],
+        "runtime bitcode, compiled at every link": ["-e", "LLM2WASM_WASM_RUNTIME_DIR=/w/bc"],
+    }
+    for attempt in range(2):
+        for name, extra in env.items():
+            out = f"/w/{attempt}-{'o' if not extra else 'bc'}"
+            result = subprocess.run([*base, *extra, image, *args, "-o", out], capture_output=True, text=True)
+            if result.returncode != 0:
+                raise SystemExit(f"conversion failed:\n{result.stderr[-3000:]}")
+            runs[name].append(float(COMPILE_DONE.search(result.stderr).group(1)))
+    libraries = {
+        name: inspect_library(next((work / f"0-{tag}" / "lib").glob("*.wasm")))
+        for name, tag in zip(env, ("o", "bc"), strict=True)
+    }
+    objects, bitcode = libraries.values()
+    shutil.rmtree(work, ignore_errors=True)
+    best = {name: min(seconds) for name, seconds in runs.items()}
+    reference = best["runtime bitcode, compiled at every link"]
+    lines = [
+        "| `mlc_llm compile` of the tiny Llama (q4f32_1) | seconds (best of 2) | vs bitcode |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {name} | {seconds:.1f} | {seconds / reference:.2f} |" for name, seconds in best.items()]
+    lines += [
+        "",
+        "| library equivalence | prebuilt objects | bitcode | same |",
+        "| --- | --- | --- | --- |",
+        f"| size | {objects.size / 1e6:.2f} MB | {bitcode.size / 1e6:.2f} MB | {objects.size / bitcode.size:.3f}x |",
+        *(
+            f"| {kind} | {len(getattr(objects, kind))} | {len(getattr(bitcode, kind))} "
+            f"| {sorted(getattr(objects, kind)) == sorted(getattr(bitcode, kind))} |"
+            for kind in ("exports", "imports")
+        ),
+        "",
+    ]
+    return lines
+
+
 def browser(image: str) -> list[str]:
     """The tiny q0f32 bundle in the preview page, headless Chromium on the CPU (SwiftShader): load time,
     time to the first token and decode rate, for a fresh browser page and a second page in it."""
@@ -279,6 +337,9 @@ def main() -> int:
     parser.add_argument("--skip-builds", action="store_true")
     parser.add_argument("--only-builds", action="store_true", help="no conversions and no browser")
     parser.add_argument(
+        "--only-link", action="store_true", help="only the runtime objects vs bitcode link (built hermetic image)"
+    )
+    parser.add_argument(
         "--only-matrix", action="store_true", help="only the architecture matrix's conversions (built hermetic image)"
     )
     args = parser.parse_args()
@@ -286,6 +347,8 @@ def main() -> int:
     lines = [f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} ({os.cpu_count()} cores)", ""]
     if args.only_matrix:
         return record(lines + matrix_rows("llm2wasm:app-hermetic"))
+    if args.only_link:
+        return record(lines + link_rows("llm2wasm:app-hermetic"))
     if not args.skip_builds:
         lines += build_rows()
     if args.only_builds:

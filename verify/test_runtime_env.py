@@ -33,11 +33,24 @@ def test_runtime_dir_holds_the_bitcode(host, image_env):
         assert host.file(posixpath.join(directory, name)).is_file, name
 
 
-def test_patched_helper_resolves_the_bitcode(python_facts, image_env):
+def test_patched_helper_links_the_prebuilt_runtime_objects(python_facts, image_env):
+    # the web-runtime layer compiled each bitcode file to a wasm object once; the helper links those
     helper = python_facts["patched_helper"]
     assert helper["ok"], helper["error"]
     directory = image_env["LLM2WASM_WASM_RUNTIME_DIR"]
-    assert helper["value"] == [posixpath.join(directory, name) for name in RUNTIME_BC]
+    assert helper["value"] == [posixpath.join(directory, name.replace(".bc", ".o")) for name in RUNTIME_BC]
+
+
+@pytest.mark.parametrize("name", RUNTIME_BC)
+def test_prebuilt_runtime_objects_are_wasm_objects_of_the_bitcode(exec_, image_env, name):
+    bitcode = posixpath.join(image_env["LLM2WASM_WASM_RUNTIME_DIR"], name)
+    obj = bitcode.replace(".bc", ".o")
+    # a wasm object (magic \0asm), made after the bitcode it was compiled from
+    script = f"head -c 4 {obj} | od -An -tx1 | tr -d ' \\n'; echo; test {obj} -nt {bitcode} -o ! {bitcode} -nt {obj}"
+    result = exec_("sh", "-c", script)
+    assert result.returncode == 0 and result.stdout.strip() == "0061736d", (
+        f"{obj} is not a wasm object compiled from {bitcode}: {result.stdout}{result.stderr}"
+    )
 
 
 def test_mlc_llm_command(host):

@@ -37,7 +37,7 @@ open(cc, "w").write("#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$0.args\"\n")
 os.chmod(cc, 0o755)
 module.create_tvmjs_wasm(out, [obj], cc=cc)
 args = open(cc + ".args").read().split()
-runtime = [a for a in args if os.path.basename(a) in names]
+runtime = [a for a in args if os.path.basename(a) in [n[:-3] + ".o" for n in names]]
 print("linked", args[args.index("-o") + 1] == out, obj in args, *[os.path.exists(a) for a in runtime], len(runtime))
 os.environ["LLM2WASM_WASM_RUNTIME_DIR"] = tempfile.mkdtemp()
 try:
@@ -83,10 +83,11 @@ def test_patched_helper_resolves_bitcode_with_real_tvm(hermetic_chain, version):
     assert result.returncode == 0, result.stderr
     lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in result.stdout.splitlines()}
     directory = "/opt/mlc-llm/3rdparty/tvm/web/dist/wasm"
+    # the wasm objects the web-runtime layer compiled from the bitcode, linked instead of it
     assert lines["configured"].split() == [
-        f"{directory}/{n}" for n in ("wasm_runtime.bc", "tvmjs_support.bc", "webgpu_runtime.bc")
+        f"{directory}/{n}" for n in ("wasm_runtime.o", "tvmjs_support.o", "webgpu_runtime.o")
     ]
-    # the link gets the output, the model object and all three runtime files, which exist
+    # the link gets the output, the model object and all three runtime objects, which exist
     assert lines["linked"] == "True True True True True 3"
     assert "Cannot find wasm_runtime.bc in LLM2WASM_WASM_RUNTIME_DIR=/tmp/" in lines["missing"]
     assert "build the TVM web runtime there" in lines["missing"]

@@ -93,3 +93,50 @@ def test_command_line_exit_status(tmp_path, capsys):
     assert main(["apply", "--patches", str(PATCHES), "--tvm-dir", str(tvm)]) == 0
     assert main(["status", "--patches", str(PATCHES), "--tvm-dir", str(tvm)]) == 0
     assert "support/emcc.py: applied" in capsys.readouterr().out
+
+
+def patched_runtime_lib(tmp_path: Path, patch_name: str, source: str, relative: str):
+    """The patched helper's llm2wasm_runtime_lib, run on its own (the module imports TVM)."""
+    import ast
+    import os
+
+    tvm = tvm_tree(tmp_path / "tree", relative, source)
+    _, target, _ = apply(tvm, [p for p in load_patches(PATCHES) if p.path.name == patch_name], log=lambda _: None)
+    module = ast.parse(target.read_text())
+    function = next(n for n in module.body if isinstance(n, ast.FunctionDef) and n.name == MARKER)
+    namespace = {
+        "os": os,
+        "find_wasm_lib": lambda name: [f"upstream:{name}"],
+        "find_lib_path": lambda name: [f"upstream:{name}"],
+    }
+    exec(compile(ast.Module([function], []), str(target), "exec"), namespace)
+    return namespace[MARKER]
+
+
+@pytest.mark.parametrize(
+    "patch_name,layout",
+    [
+        ("tvm-emcc-support-find_wasm_lib.patch", None),
+        ("tvm-emcc-contrib-find_lib_path.patch", "tvm._ffi"),
+        ("tvm-emcc-contrib-libinfo-find_lib_path.patch", "tvm"),
+    ],
+)
+def test_the_prebuilt_object_is_linked_when_the_image_made_one(tmp_path, monkeypatch, patch_name, layout):
+    source = helper_source("0.26.0") if layout is None else contrib_layout_from(helper_source("0.25.0"), layout)
+    relative = "support/emcc.py" if layout is None else "contrib/emcc.py"
+    runtime_lib = patched_runtime_lib(tmp_path, patch_name, source, relative)
+    runtime = tmp_path / "dist"
+    runtime.mkdir()
+    monkeypatch.delenv("LLM2WASM_WASM_RUNTIME_DIR", raising=False)
+    assert runtime_lib("wasm_runtime.bc") == "upstream:wasm_runtime.bc"  # unset: TVM's own lookup
+    monkeypatch.setenv("LLM2WASM_WASM_RUNTIME_DIR", str(runtime))
+    with pytest.raises(RuntimeError, match=r"Cannot find wasm_runtime\.bc in LLM2WASM_WASM_RUNTIME_DIR"):
+        runtime_lib("wasm_runtime.bc")
+    (runtime / "wasm_runtime.bc").write_bytes(b"BC")
+    assert runtime_lib("wasm_runtime.bc") == str(runtime / "wasm_runtime.bc")
+    (runtime / "wasm_runtime.o").write_bytes(b"\0asm")
+    assert runtime_lib("wasm_runtime.bc") == str(runtime / "wasm_runtime.o")
+    # an object without its bitcode is not enough: the bitcode is what the image's checks vouch for
+    (runtime / "webgpu_runtime.o").write_bytes(b"\0asm")
+    with pytest.raises(RuntimeError, match=r"Cannot find webgpu_runtime\.bc"):
+        runtime_lib("webgpu_runtime.bc")
