@@ -453,4 +453,4 @@ def mirror(c, action):
     c.run(f"{sys.executable} {ROOT / 'tests' / 'hermetic' / 'mirror.py'} {action}")
 
 
-ns = Collection(build, verify, convert, preview, browser_check, publish, layers, lint, test, mirror, doctor, clean)
+ns = Collection(build, verify, convert, batch, preview, browser_check, publish, layers, lint, test, mirror, doctor, clean)

@@ -249,6 +249,34 @@ def link_rows(image: str) -> list[str]:
     return lines
 
 
+def batch_rows(image: str) -> list[str]:
+    """The integration test's batch spec (three conversions and one item that fails) with `invoke batch`
+    at --jobs 1 and --jobs 2, each into a fresh output folder; the table of the --jobs 2 run."""
+    sys.path.insert(0, str(ROOT))
+    from tests.integration.test_batch import MAKE_MODELS, SPEC
+
+    work = Path(tempfile.mkdtemp(prefix="llm2wasm-bench-"))
+    user = f"{os.getuid()}:{os.getgid()}"
+    timed(["docker", "run", "--rm", "--network", "none", "--user", user, "-v", f"{work}:/work",
+           "--entrypoint", "python", image, "-c", MAKE_MODELS])  # fmt: skip
+    (work / "models" / "broken").mkdir()
+    (work / "models" / "broken" / "config.json").write_text('{"model_type": "llama"}')
+    (work / "models.toml").write_text(SPEC)
+    seconds, table = {}, ""
+    for jobs in (1, 2):
+        cmd = [*INVOKE, "batch", str(work / "models.toml"), "-o", str(work / f"out-{jobs}"), "--image", image]
+        started = time.monotonic()
+        result = subprocess.run([*cmd, "--jobs", str(jobs)], capture_output=True, text=True)
+        seconds[jobs] = time.monotonic() - started
+        if result.returncode != 1 or "failed" not in result.stdout:  # the broken item must fail, the rest pass
+            raise SystemExit(f"unexpected batch result:\n{result.stdout}\n{result.stderr[-3000:]}")
+        table = result.stdout.strip()
+    shutil.rmtree(work, ignore_errors=True)
+    lines = ["| batch of 4 items (3 conversions, 1 failing) | seconds | vs --jobs 1 |", "| --- | --- | --- |"]
+    lines += [f"| --jobs {jobs} | {value:.1f} | {value / seconds[1]:.2f} |" for jobs, value in seconds.items()]
+    return [*lines, "", "The --jobs 2 run's table:", "", table, ""]
+
+
 def browser(image: str) -> list[str]:
     """The tiny q0f32 bundle in the preview page, headless Chromium on the CPU (SwiftShader): load time,
     time to the first token and decode rate, for a fresh browser page and a second page in it."""
@@ -337,6 +365,9 @@ def main() -> int:
     parser.add_argument("--skip-builds", action="store_true")
     parser.add_argument("--only-builds", action="store_true", help="no conversions and no browser")
     parser.add_argument(
+        "--only-batch", action="store_true", help="only the batch at --jobs 1 vs 2 (built hermetic image)"
+    )
+    parser.add_argument(
         "--only-link", action="store_true", help="only the runtime objects vs bitcode link (built hermetic image)"
     )
     parser.add_argument(
@@ -347,6 +378,8 @@ def main() -> int:
     lines = [f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} ({os.cpu_count()} cores)", ""]
     if args.only_matrix:
         return record(lines + matrix_rows("llm2wasm:app-hermetic"))
+    if args.only_batch:
+        return record(lines + batch_rows("llm2wasm:app-hermetic"))
     if args.only_link:
         return record(lines + link_rows("llm2wasm:app-hermetic"))
     if not args.skip_builds:

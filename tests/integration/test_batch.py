@@ -121,7 +121,9 @@ def test_a_rerun_skips_what_is_done(batch_dir, first_run):
     assert result.returncode == 1 and "!!! [3] broken-q0f32: failed" in result.stderr
     for model_id in ITEMS[:3]:
         log = (out / ".batch" / f"item-{ITEMS.index(model_id)}.log").read_text()
-        assert "unchanged inputs, kept from an earlier run" in log and "done in" not in log, log[-2000:]
+        assert "✓ compile: unchanged inputs, kept from an earlier run" in log and "✓ compile done in" not in log, log[
+            -2000:
+        ]
     assert seconds < first_seconds / 3, (seconds, first_seconds)
 
 
