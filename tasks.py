@@ -267,7 +267,9 @@ def batch(
         raise UsageError("batch needs --output (-o): invoke batch models.toml -o OUT")
     from llm2wasm.batchrun import run_batch
 
-    results = run_batch(Path(spec), Path(output), image, jobs=int(jobs) if jobs else None, gpu=False if cpu else None)
+    results = run_batch(
+        Path(spec), Path(output), image, jobs=None if jobs is None else int(jobs), gpu=False if cpu else None
+    )
     print(batch_spec.table(results))
     succeeded = [outcome for outcome in results if outcome.status == "ok"]
     print(f"{len(succeeded)} of {len(results)} bundle(s) in {Path(output) / 'app-config.json'}", file=sys.stderr)
@@ -453,4 +455,6 @@ def mirror(c, action):
     c.run(f"{sys.executable} {ROOT / 'tests' / 'hermetic' / 'mirror.py'} {action}")
 
 
-ns = Collection(build, verify, convert, batch, preview, browser_check, publish, layers, lint, test, mirror, doctor, clean)
+ns = Collection(
+    build, verify, convert, batch, preview, browser_check, publish, layers, lint, test, mirror, doctor, clean
+)

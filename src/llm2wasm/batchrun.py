@@ -65,7 +65,7 @@ def run_batch(
     say: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True),
 ) -> list[Outcome]:
     spec = load_spec(spec_path.resolve())  # every problem of the spec, before anything runs
-    jobs = jobs or default_jobs()
+    jobs = default_jobs() if jobs is None else jobs
     if jobs < 1:
         raise UsageError(f"--jobs {jobs}: run at least one item at a time")
     if docker.image_id(image) is None:

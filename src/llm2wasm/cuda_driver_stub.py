@@ -24,6 +24,8 @@ Runs inside an image and needs only the standard library (like cuda_libs.py).
 
 from __future__ import annotations
 
+import mmap
+import os
 import platform
 import re
 import struct
@@ -99,8 +101,18 @@ def _c_string(table: bytes, offset: int) -> str:
 
 
 def read_dynamic(path: Path) -> tuple[int, list[str], str | None, set[str], set[str]]:
-    """(machine, NEEDED, SONAME, undefined dynamic symbols, defined ones) of a 64-bit little-endian ELF."""
-    data = path.read_bytes()
+    """(machine, NEEDED, SONAME, undefined dynamic symbols, defined ones) of a 64-bit little-endian ELF.
+
+    The file is mapped, not read: a CUDA wheel's libraries run to gigabytes, of which only the
+    headers and the dynamic tables are touched."""
+    with open(path, "rb") as file:
+        if os.fstat(file.fileno()).st_size < 64:
+            raise NotElf(f"{path} is too short for an ELF file")
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _read_dynamic(path, data)
+
+
+def _read_dynamic(path: Path, data) -> tuple[int, list[str], str | None, set[str], set[str]]:
     if data[:4] != ELF_MAGIC or data[4] != ELFCLASS64 or data[5] != ELFDATA2LSB:
         raise NotElf(f"{path} is not a 64-bit little-endian ELF file")
     machine = struct.unpack_from("<H", data, 18)[0]
