@@ -15,7 +15,7 @@ import testinfra
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from llm2wasm.checks import env_dict
+from llm2wasm.checks import BUILT_FROM, env_dict, parse_built_from
 from llm2wasm.pins import Profile
 
 
@@ -167,6 +167,15 @@ def checked_out_ref(host):
         return host.check_output(f"{git} rev-parse --abbrev-ref HEAD")
 
     return ref_of
+
+
+@pytest.fixture(scope="session")
+def built_from(host, image_env) -> dict[str, str]:
+    """The commits the web runtimes were built from, recorded by the web-runtime layer (its image
+    keeps no git checkout of them)."""
+    record = host.file(f"{image_env['MLC_LLM_SOURCE_DIR']}/{BUILT_FROM}")
+    assert record.is_file, f"{record.path} missing: the web-runtime layer records its sources there"
+    return parse_built_from(record.content_string)
 
 
 @pytest.fixture(scope="session")

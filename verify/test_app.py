@@ -86,3 +86,19 @@ def test_wgsl_validator_rejects_the_defect_and_accepts_the_repair(exec_):
 def test_preview_command(host):
     out = host.check_output("llm2wasm preview --help")
     assert "--port" in out and "--host" in out
+
+
+def test_no_build_leftovers(exec_, image_env):
+    """What building needed and conversions do not: package managers' caches (apt's downloaded
+    packages, pip's, npm's), scratch files, and git histories of sources. The emsdk checkout's own
+    .git (one commit deep) stays: its checks read it."""
+    keep = {f"{image_env['EMSDK']}/.git"} if "EMSDK" in image_env else set()
+    script = (
+        "for p in /root/.cache /root/.npm /home/llm2wasm/.cache /home/llm2wasm/.npm; do [ -e $p ] && echo $p; done; "
+        "find /tmp /var/tmp -mindepth 1 -maxdepth 1; "
+        "find /var/cache/apt -name '*.deb' -o -name '*.bin'; "
+        "find /opt /usr/local /srv /root /home /work -name .git -prune 2>/dev/null; true"
+    )
+    result = exec_("sh", "-c", script, user="0:0", timeout=300)
+    leftovers = sorted(set(result.stdout.split()) - keep)
+    assert result.returncode == 0 and not leftovers, f"left behind by the build: {leftovers}"

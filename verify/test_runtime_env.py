@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import llm2wasm.cuda_libs
-from llm2wasm.checks import tvm_commit_check
+from llm2wasm.checks import tag_commit, tvm_commit_check
 
 RUNTIME_BC = ["wasm_runtime.bc", "tvmjs_support.bc", "webgpu_runtime.bc"]
 
@@ -86,15 +86,13 @@ def test_conversion_user_and_workdir(image_config, host):
     assert host.file("/work").uid == 10001
 
 
-def test_web_runtime_tvm_is_the_installed_tvms_commit(host, python_facts, image_env):
+def test_web_runtime_tvm_is_the_installed_tvms_commit(python_facts, built_from):
     libinfo = python_facts["libinfo_commit"]
     built = libinfo["value"] if libinfo["ok"] else None  # no libinfo at all (apache/tvm since 2026-04-30)
     version = python_facts["tvm_and_mlc_llm"]["value"]
-    git = f"git -C {image_env['TVM_SOURCE_DIR']}"
-    source = host.check_output(f"{git} rev-parse HEAD")
     public = version.split("+", 1)[0]
-    tagged = host.run(f"{git} rev-parse --quiet --verify 'refs/tags/v{public}^{{commit}}'")
-    check = tvm_commit_check(built, source, version, tagged.stdout.strip() if tagged.rc == 0 else None)
+    tagged = tag_commit(built_from, f"v{public}")
+    check = tvm_commit_check(built, built_from["TVM_COMMIT"], version, tagged)
     if check.status == "unknown":
         pytest.skip(check.message)
     assert check.status == "match", check.message

@@ -2,8 +2,11 @@
 TVM is the installed wheel's is checked where both meet (test_runtime_env.py)."""
 
 import posixpath
+import re
 
 import pytest
+
+from llm2wasm.checks import unexpected_web_runtime_files
 
 TVM_OUTPUTS = [
     "wasm_runtime.bc",
@@ -34,11 +37,20 @@ def test_tvm_web_runtime_built(host, image_env, name):
     assert path.is_file and path.size > 0, f"{path.path} missing or empty"
 
 
-def test_mlc_llm_checkout_is_the_pinned_ref(checked_out_ref, image_env, pins):
-    assert checked_out_ref(image_env["MLC_LLM_SOURCE_DIR"], pins["mlc_llm_ref"]) == pins["mlc_llm_ref"]
+def test_mlc_llm_checkout_is_the_pinned_ref(built_from, pins):
+    assert built_from["MLC_LLM_CHECKED_OUT"] == pins["mlc_llm_ref"]
 
 
-def test_tvm_source_is_the_submodule_mlc_llm_pins(host, image_env):
-    pinned = host.check_output(f"git -C {image_env['MLC_LLM_SOURCE_DIR']} ls-tree HEAD 3rdparty/tvm").split()[2]
-    checked_out = host.check_output(f"git -C {image_env['TVM_SOURCE_DIR']} rev-parse HEAD")
-    assert checked_out == pinned
+def test_tvm_source_is_the_submodule_mlc_llm_pins(built_from):
+    pinned, checked_out = built_from["MLC_LLM_PINS_TVM"], built_from["TVM_COMMIT"]
+    assert re.fullmatch("[0-9a-f]{40}", pinned), f"no 3rdparty/tvm gitlink recorded: {pinned!r}"
+    assert checked_out == pinned, f"TVM built from {checked_out}, mlc-llm pins {pinned}"
+
+
+def test_only_what_conversions_link_is_kept(host, image_env):
+    """The image keeps the runtimes' web/dist/wasm and BUILT_FROM, not the recursive checkout it
+    built them in (sources, git histories: several hundred MB upstream)."""
+    root = image_env["MLC_LLM_SOURCE_DIR"]
+    listing = host.check_output(f"cd {root} && find . -mindepth 1 ! -type d -printf '%P\\n'")
+    unexpected = unexpected_web_runtime_files(listing.splitlines())
+    assert not unexpected, f"{len(unexpected)} files beyond the runtimes' outputs under {root}: {unexpected[:5]}"

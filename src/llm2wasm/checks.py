@@ -112,3 +112,36 @@ def expected_os(base_image: str) -> tuple[str, str]:
     ref = base_image.split("@", 1)[0]
     name, _, tag = ref.rpartition(":") if ":" in ref.split("/")[-1] else (ref, "", "latest")
     return name.split("/")[-1], tag
+
+
+# What the web-runtime layer keeps of its build (images/web-runtime/Dockerfile): the runtimes'
+# output folders, relative to MLC_LLM_SOURCE_DIR, and the record of the commits they came from.
+WEB_RUNTIME_KEPT_FOLDERS = ("web/dist/wasm/", "3rdparty/tvm/web/dist/wasm/")
+BUILT_FROM = "BUILT_FROM"
+
+
+def parse_built_from(text: str) -> dict[str, str]:
+    """The web-runtime layer's BUILT_FROM record (KEY=value lines) as a dict."""
+    record = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip():
+            record[key.strip()] = value.strip()
+    return record
+
+
+def tag_commit(built_from: dict[str, str], tag: str) -> str | None:
+    """The commit a tag of the TVM checkout points at, from BUILT_FROM's TVM_TAGS ('v0.26.0=<sha> ...')."""
+    for entry in built_from.get("TVM_TAGS", "").split():
+        name, _, commit = entry.partition("=")
+        if name == tag:
+            return commit
+    return None
+
+
+def unexpected_web_runtime_files(relative_paths: list[str]) -> list[str]:
+    """Files under MLC_LLM_SOURCE_DIR that are neither a runtime output nor the BUILT_FROM record:
+    sources, objects of the build, git histories left behind."""
+    return sorted(
+        path for path in relative_paths if path != BUILT_FROM and not path.startswith(WEB_RUNTIME_KEPT_FOLDERS)
+    )

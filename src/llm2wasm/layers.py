@@ -33,6 +33,9 @@ class Layer:
     # A real conversion in the built image (`llm2wasm selftest`) after its checks: no image is
     # recorded as verified, pushed or published unless one ran in it
     selftest: bool = False
+    # What the layer adds and why it stays in the image: (path, why). The build report measures
+    # each path's growth over the image the layer is built FROM, and what the layer adds elsewhere.
+    keeps: tuple[tuple[str, str], ...] = ()
 
     @property
     def dockerfile(self) -> Path:
@@ -62,12 +65,17 @@ LAYERS: tuple[Layer, ...] = (
         None,
         "OS base with the tools conversions use (curl, wget, unzip, git, git-lfs, nano, CA certificates)",
         {"BASE_IMAGE": "base_image"},
+        keeps=(("/usr", "the distribution and the tools conversions call: git, git-lfs, curl, patch, make"),),
     ),
     Layer(
         "python",
         "base",
         "Python from the distribution in a virtual environment at /opt/venv, first on PATH",
         {"PYTHON_VERSION": "python_version"},
+        keeps=(
+            ("/usr", "the distribution's Python"),
+            ("/opt/venv", "the virtual environment every later Python package goes into"),
+        ),
     ),
     Layer(
         "ml",
@@ -84,6 +92,10 @@ LAYERS: tuple[Layer, ...] = (
             "PEFT_REQUIREMENT": "peft_requirement",
             "BITSANDBYTES_REQUIREMENT": "bitsandbytes_requirement",
         },
+        keeps=(
+            ("/opt/venv", "torch, transformers, peft, bitsandbytes and the MLC wheels, which conversions import"),
+            ("/opt/llm2wasm", "the CUDA driver stub that lets TVM load where no driver is mounted"),
+        ),
     ),
     # The web toolchain branch: built from the Python layer (emsdk runs on Python), not the ML wheels
     Layer(
@@ -97,12 +109,26 @@ LAYERS: tuple[Layer, ...] = (
             "EMSDK_VERSION": "emsdk_version",
             "EMSDK_DOWNLOADS_URL": "emsdk_downloads_url",
         },
+        keeps=(
+            (
+                "/opt/emsdk",
+                "emsdk's emscripten with its LLVM, binaryen and node: every model library's compiler and linker",
+            ),
+            ("/usr", "Debian's emscripten, clang, binaryen and node (profiles with emscripten_source=debian)"),
+        ),
     ),
     Layer(
         "web-runtime",
         "emsdk",
-        "mlc-llm at the pinned ref with submodules; mlc-llm and TVM web runtimes built from its TVM",
+        "the mlc-llm and TVM web runtimes, built from mlc-llm at the pinned ref and its TVM; keeps their outputs only",
         {"MLC_LLM_REPO": "mlc_llm_repo", "MLC_LLM_REF": "mlc_llm_ref"},
+        keeps=(
+            ("/opt/mlc-llm", "the runtimes every compile links (web/dist/wasm) and BUILT_FROM; not their sources"),
+            (
+                "/opt/emsdk/upstream/emscripten/cache",
+                "system libraries emscripten built for the runtimes, reused at each link",
+            ),
+        ),
     ),
     # The join: the web toolchain's image with the ML branch's virtual environment copied in
     Layer(
@@ -112,6 +138,10 @@ LAYERS: tuple[Layer, ...] = (
         "TVM's emcc.py patched (patches/)",
         joins=("ml",),
         derived_args={"CUDA_LIBRARY_PATH": "ml"},
+        keeps=(
+            ("/opt/venv", "the ML branch's environment, copied in whole (it replaces the python layer's)"),
+            ("/opt/llm2wasm", "the CUDA driver stub and the emcc.py patches"),
+        ),
     ),
     Layer(
         "app",
@@ -124,6 +154,10 @@ LAYERS: tuple[Layer, ...] = (
             "WEBLLM_VERSION": "webllm_version",
             "WEBLLM_INTEGRITY": "webllm_integrity",
         },
+        keeps=(
+            ("/opt/venv", "the llm2wasm package and the WGSL validator"),
+            ("/opt/llm2wasm/webllm", "the pinned WebLLM that preview and the browser check serve"),
+        ),
         selftest=True,
     ),
 )

@@ -1,4 +1,5 @@
-"""The build report: per layer its size (own and cumulative), build and verify time and result, and
+"""The build report: per layer its size (own and cumulative), build and verify time and result, what
+it keeps and why (the registry's `keeps`, each path's growth measured in the images), and
 what the final image actually holds (versions read from it, and the size of its CUDA libraries, so
 a user can choose the `cpu` profile knowingly). Printed after `invoke build`; `--report FILE.md`
 or `FILE.json` writes it; the publish workflow puts the Markdown in the job summary."""
@@ -43,6 +44,13 @@ PROBE = (
 
 
 @dataclass
+class KeptPath:
+    path: str
+    added_bytes: int
+    why: str
+
+
+@dataclass
 class LayerRow:
     layer: str
     tag: str
@@ -51,6 +59,9 @@ class LayerRow:
     build_seconds: float
     verify_seconds: float
     result: str
+    # the registry's `keeps` with what each path grew by over the parent image; None: not measured
+    kept: list[KeptPath] = field(default_factory=list)
+    elsewhere_bytes: int | None = None
 
 
 @dataclass
@@ -75,6 +86,22 @@ class BuildReport:
                 f"| {row.layer} | {human(row.size_bytes)} | {human(row.own_bytes)} | {row.build_seconds:.1f}s "
                 f"| {row.verify_seconds:.1f}s | {row.result} |"
             )
+        if any(row.kept for row in self.layers):
+            lines += [
+                "",
+                "What each layer keeps, and why (growth over the image it is built FROM):",
+                "",
+                "| layer | path | adds | why |",
+                "| --- | --- | ---: | --- |",
+            ]
+            for row in self.layers:
+                lines += [
+                    f"| {row.layer} | `{kept.path}` | {human(kept.added_bytes)} | {kept.why} |" for kept in row.kept
+                ]
+                if row.elsewhere_bytes and row.elsewhere_bytes >= ELSEWHERE_SHOWN:
+                    lines.append(
+                        f"| {row.layer} | elsewhere | {human(row.elsewhere_bytes)} | not in the paths it declares |"
+                    )
         if self.versions:
             lines += ["", "| installed | version |", "| --- | --- |"]
             lines += [f"| {name} | {version} |" for name, version in sorted(self.versions.items())]
@@ -95,6 +122,51 @@ def human(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1000
     return f"{value:.2f} GB"
+
+
+# below this, what a layer adds outside its declared paths is noise (/etc, dpkg's records, labels)
+ELSEWHERE_SHOWN = 5_000_000
+KEPT_SIZES = "kept-sizes.json"
+PATH_SIZES_SCRIPT = 'for p in "$@"; do if [ -e "$p" ]; then du -sbx "$p" | cut -f1; else echo 0; fi; done'
+
+
+def path_sizes(image_id: str, paths: list[str], cache: dict[str, dict[str, int]]) -> dict[str, int] | None:
+    """Bytes under each path in the image (0 where it does not exist), measured once per image ID
+    (images are immutable) with du as root; None when the image cannot be measured."""
+    known = cache.setdefault(image_id, {})
+    missing = [path for path in dict.fromkeys(paths) if path not in known]
+    if missing:
+        run_as_root = ["run", "--rm", "--network", "none", "--user", "0", "--entrypoint", "sh", image_id]
+        result = docker.run([*run_as_root, "-c", PATH_SIZES_SCRIPT, "sh", *missing], check=False)
+        values = result.stdout.split()
+        if result.returncode != 0 or len(values) != len(missing) or not all(v.isdigit() for v in values):
+            return None
+        known.update(zip(missing, map(int, values), strict=True))
+    return {path: known[path] for path in paths}
+
+
+def kept_paths(layer, image_id: str, parent_id: str | None, cache) -> list[KeptPath] | None:
+    """The layer's declared paths with what each grew by over the parent image."""
+    paths = [path for path, _ in layer.keeps]
+    here = path_sizes(image_id, paths, cache)
+    before = path_sizes(parent_id, paths, cache) if parent_id else dict.fromkeys(paths, 0)
+    if here is None or before is None:
+        return None
+    return [KeptPath(path, max(here[path] - before[path], 0), why) for path, why in layer.keeps]
+
+
+def load_kept_sizes(state_dir: Path) -> dict[str, dict[str, int]]:
+    try:
+        return json.loads((state_dir / KEPT_SIZES).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def save_kept_sizes(state_dir: Path, cache: dict[str, dict[str, int]]) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / (KEPT_SIZES + ".tmp")
+    tmp.write_text(json.dumps(cache, indent=1))
+    tmp.replace(state_dir / KEPT_SIZES)
 
 
 def image_size(image: str) -> int:
@@ -126,26 +198,35 @@ def parse_probe(output: str) -> tuple[dict[str, str], int]:
     return versions, cuda
 
 
-def build_report(profile: str, results) -> BuildReport:
+def build_report(profile: str, results, state_dir: Path | None = None) -> BuildReport:
     from .layers import get_layer
+    from .state import STATE_DIR
 
+    state_dir = state_dir or STATE_DIR
     report = BuildReport(profile)
     sizes: dict[str, int] = {}
+    image_ids = {result.layer: result.image_id for result in results}
+    cache = load_kept_sizes(state_dir)
     for result in results:
+        layer = get_layer(result.layer)
         size = sizes[result.layer] = image_size(result.image_id)
         # own: what the layer adds to the image it is built FROM (a join counts what it copies in)
-        parent = get_layer(result.layer).parent
-        report.layers.append(
-            LayerRow(
-                result.layer,
-                result.tag,
-                size,
-                max(size - sizes.get(parent, 0), 0) if parent else size,
-                round(result.build_seconds, 1),
-                round(result.verify_seconds, 1),
-                result.verified,
-            )
+        own = max(size - sizes.get(layer.parent, 0), 0) if layer.parent else size
+        row = LayerRow(
+            result.layer,
+            result.tag,
+            size,
+            own,
+            round(result.build_seconds, 1),
+            round(result.verify_seconds, 1),
+            result.verified,
         )
+        kept = kept_paths(layer, result.image_id, image_ids.get(layer.parent), cache) if layer.keeps else None
+        if kept is not None:
+            row.kept = kept
+            row.elsewhere_bytes = max(own - sum(item.added_bytes for item in kept), 0)
+        report.layers.append(row)
+    save_kept_sizes(state_dir, cache)
     if results:
         probe = docker.run(
             ["run", "--rm", "--network", "none", "--entrypoint", "sh", results[-1].image_id, "-c", PROBE], check=False

@@ -95,6 +95,15 @@ def debian_mirror() -> str:
     raise RuntimeError("no Debian mirror configured in /etc/apt sources")
 
 
+APT_CLEANUP = "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"
+APT_DOCKER_CLEAN = (
+    f'DPkg::Post-Invoke {{ "{APT_CLEANUP}"; }};\n'
+    f'APT::Update::Post-Invoke {{ "{APT_CLEANUP}"; }};\n'
+    'Dir::Cache::pkgcache "";\n'
+    'Dir::Cache::srcpkgcache "";\n'
+)
+
+
 def ensure_base_image() -> str:
     if image_id(BASE_IMAGE) is not None:
         return BASE_IMAGE
@@ -109,6 +118,9 @@ def ensure_base_image() -> str:
             for entry in (rootfs / sub).glob("*"):
                 if entry.is_file():
                     entry.unlink()
+        # What the official Debian and Ubuntu images configure (and users' base images have): apt
+        # keeps neither the downloaded packages nor its binary caches after an install
+        (rootfs / "etc/apt/apt.conf.d/docker-clean").write_text(APT_DOCKER_CLEAN)
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         run(
             [

@@ -56,6 +56,14 @@ def test_unchanged_layers_are_not_verified_again(hermetic_chain, hermetic_mirror
     assert data["versions"]["apache-tvm"] == pins["mlc_ai_requirement"].split("==")[1]
     assert data["versions"]["emcc"] == pins["emsdk_version"] and data["versions"]["mlc-llm"].startswith("0.1.dev0+g")
     assert data["cuda_libraries_bytes"] == 0  # a CPU profile
+    # what each layer keeps, measured: the registry's paths, and little beside them
+    rows = {row["layer"]: row for row in data["layers"]}
+    for name, row in rows.items():
+        assert [kept["path"] for kept in row["kept"]] == [path for path, _ in get_layer(name).keeps], name
+        assert row["elsewhere_bytes"] < 50_000_000, f"{name} adds {row['elsewhere_bytes']} bytes outside its paths"
+    web = {kept["path"]: kept["added_bytes"] for kept in rows["web-runtime"]["kept"]}
+    assert 1_000_000 < web["/opt/mlc-llm"] < 50_000_000, "the web runtimes' outputs only, not their sources"
+    assert "What each layer keeps, and why" in result.stdout
     assert "## llm2wasm build report: profile `hermetic`" in result.stdout
 
 
@@ -159,7 +167,9 @@ def test_tvm_source_moved_off_the_pinned_commit_is_caught(hermetic_chain, hermet
     tag = "llm2wasm-broken:tvm-moved"
     dockerfile = (
         f"FROM llm2wasm:web-runtime-{HERMETIC}\n"
-        "RUN git -C $TVM_SOURCE_DIR -c user.name=t -c user.email=t@t.invalid commit -q --allow-empty -m moved\n"
+        # the record the layer writes from git; a TVM checkout that moved records another commit
+        "RUN sed -i 's/^TVM_COMMIT=.*/TVM_COMMIT=0123456789abcdef0123456789abcdef01234567/'"
+        " $MLC_LLM_SOURCE_DIR/BUILT_FROM\n"
     )
     build_derived_image(tag, dockerfile)
     try:
@@ -167,6 +177,37 @@ def test_tvm_source_moved_off_the_pinned_commit_is_caught(hermetic_chain, hermet
         result = run_checks(tag, "web-runtime", pins, own_only=True)
         assert not result.passed
         assert "FAILED verify/test_web_runtime.py::test_tvm_source_is_the_submodule_mlc_llm_pins" in result.output
+    finally:
+        subprocess.run(["docker", "image", "rm", tag], capture_output=True)
+
+
+# What a layer must not keep, and the check that catches it: (layer, Dockerfile lines, check)
+LEFTOVERS = {
+    "web-runtime-keeps-its-sources": (
+        "web-runtime",
+        "RUN mkdir -p $TVM_SOURCE_DIR/.git $TVM_SOURCE_DIR/src/runtime"
+        " && echo ref > $TVM_SOURCE_DIR/.git/HEAD && echo '// c++' > $TVM_SOURCE_DIR/src/runtime/module.cc\n",
+        "verify/test_web_runtime.py::test_only_what_conversions_link_is_kept",
+    ),
+    "app-keeps-caches": (
+        "app",
+        "USER 0\nRUN mkdir -p /root/.npm/_cacache && touch /var/cache/apt/archives/emscripten_3.1.6_all.deb\n",
+        "verify/test_app.py::test_no_build_leftovers",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(LEFTOVERS))
+def test_build_leftovers_are_caught(hermetic_chain, hermetic_mirror, kind):
+    """The image keeps what conversions use, not what building them needed (issue 15)."""
+    layer, lines, check = LEFTOVERS[kind]
+    tag = f"llm2wasm-broken:{kind}"
+    build_derived_image(tag, f"FROM llm2wasm:{layer}-{HERMETIC}\n{lines}")
+    try:
+        pins = resolve_profile(HERMETIC, [f"mlc_llm_requirement={hermetic_mirror.mlc_llm_requirement()}"])
+        result = run_checks(tag, layer, pins, own_only=True)
+        assert not result.passed
+        assert f"FAILED {check}" in result.output
     finally:
         subprocess.run(["docker", "image", "rm", tag], capture_output=True)
 

@@ -6,8 +6,11 @@ from llm2wasm.checks import (
     env_dict,
     env_garbage,
     expected_os,
+    parse_built_from,
     requirement_pin,
+    tag_commit,
     tvm_commit_check,
+    unexpected_web_runtime_files,
     version_matches,
 )
 
@@ -86,3 +89,36 @@ def test_tvm_commit_from_the_version_when_libinfo_is_gone():
     # nothing says: not a pass
     unknown = tvm_commit_check(None, head, "0.20.0", None)
     assert unknown.status == "unknown" and "no tag v0.20.0" in unknown.message
+
+
+BUILT_FROM_RECORD = """MLC_LLM_REPO=https://github.com/mlc-ai/mlc-llm.git
+MLC_LLM_REF=v0.20.0
+MLC_LLM_CHECKED_OUT=v0.20.0
+MLC_LLM_COMMIT=1111111111111111111111111111111111111111
+MLC_LLM_PINS_TVM=b628d91fac716679db539884a55f8c6651f54dea
+TVM_COMMIT=b628d91fac716679db539884a55f8c6651f54dea
+TVM_TAGS=v0.19.0=2222222222222222222222222222222222222222 v0.20.0=3333333333333333333333333333333333333333
+"""
+
+
+def test_built_from_record_and_its_tags():
+    record = parse_built_from(BUILT_FROM_RECORD)
+    assert record["MLC_LLM_CHECKED_OUT"] == "v0.20.0" and record["TVM_COMMIT"] == record["MLC_LLM_PINS_TVM"]
+    assert tag_commit(record, "v0.20.0") == "3" * 40
+    assert tag_commit(record, "v0.26.0") is None and tag_commit({}, "v0.20.0") is None
+
+
+def test_only_runtime_outputs_count_as_kept():
+    listing = [
+        "BUILT_FROM",
+        "web/dist/wasm/mlc_wasm_runtime.bc",
+        "3rdparty/tvm/web/dist/wasm/wasm_runtime.o",
+        "3rdparty/tvm/src/runtime/module.cc",
+        ".git/HEAD",
+        "3rdparty/tvm/web/emcc/wasm_runtime.cc",
+    ]
+    assert unexpected_web_runtime_files(listing) == [
+        ".git/HEAD",
+        "3rdparty/tvm/src/runtime/module.cc",
+        "3rdparty/tvm/web/emcc/wasm_runtime.cc",
+    ]
