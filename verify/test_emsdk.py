@@ -57,6 +57,15 @@ def test_em_cache_is_a_folder(host, image_env):
     assert host.file(image_env["EM_CACHE"]).is_directory, f"EM_CACHE={image_env['EM_CACHE']} is not a folder"
 
 
+def test_emsdk_cache_is_writable_by_everyone(host, image_env, emsdk_only):
+    """Conversions run unprivileged, and emsdk's emcc builds system libraries into its cache on first
+    use: every folder and file in it must be writable, not only the top (a library added later by a
+    root build would otherwise stop a conversion that needs another variant of it)."""
+    cache = image_env["EM_CACHE"]
+    locked = host.check_output(f"find {cache} ! -type l ! -perm -0002 -printf '%M %u %p\\n'")
+    assert not locked, f"not writable by the conversion user, under EM_CACHE={cache}:\n{locked[:2000]}"
+
+
 def test_emcc_comes_from_emsdk(host, image_env, emsdk_only):
     assert host.check_output("command -v emcc") == posixpath.join(image_env["EMSDK"], "upstream/emscripten/emcc")
 

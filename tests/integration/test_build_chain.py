@@ -217,13 +217,15 @@ def test_emsdk_source_layer_builds_and_passes_its_checks(hermetic_chain, hermeti
     checkout: its own `emsdk install`, `activate` and `emsdk_env.sh` (which unsets EM_CACHE; the
     layer stopped at `mkdir -p ""` before that was taken into account). Only the two archives it
     downloads stand in (emsdk's storage is unreachable here), fetched through the
-    `emsdk_downloads_url` pin. Built on the verified ml layer."""
+    `emsdk_downloads_url` pin. Then the web-runtime layer on it (the stand-in emcc compiles nothing,
+    but writes what emcc writes, a system library into emscripten's cache on the first link among
+    it): the layer keeps what the link added to the cache, writable by everyone, not the scratch."""
     repository = "llm2wasm-emsdk-source"
     result = invoke(
         "build",
         *hermetic_build_args(hermetic_mirror),
         "--until",
-        "emsdk",
+        "web-runtime",
         "--repository",
         repository,
         "--set",
@@ -250,6 +252,19 @@ def test_emsdk_source_layer_builds_and_passes_its_checks(hermetic_chain, hermeti
         assert "Done installing SDK 'sdk-releases-9d106be887796484c4aaffc9dc45f48a8810f336-64bit'" in build_log
         assert "wasm-binaries.tar.xz' already downloaded, skipping." in build_log
         assert "Clearing existing environment variable: EMSDK_REF" in build_log  # emsdk_env.sh's own unsetting
+        # the web runtimes' build ran emsdk's emcc; the image keeps what it added to the cache
+        web = f"{repository}:web-runtime-{HERMETIC}"
+        script = (
+            'ls "$EM_CACHE/sysroot/lib/wasm32-emscripten/libc.a"; ls -d "$EM_CACHE/build" 2>&1; '
+            'find "$EM_CACHE" ! -type l ! -perm -0002; cat "$MLC_LLM_SOURCE_DIR/BUILT_FROM"'
+        )
+        looked = subprocess.run(
+            ["docker", "run", "--rm", "--entrypoint", "bash", web, "-c", script], capture_output=True, text=True
+        )
+        lines = looked.stdout.splitlines()
+        assert lines[0].endswith("/cache/sysroot/lib/wasm32-emscripten/libc.a"), looked.stdout + looked.stderr
+        assert "No such file or directory" in lines[1], "the cache's scratch folder was kept"
+        assert lines[2].startswith("MLC_LLM_REPO="), f"cache entries not writable by everyone: {lines[2:]}"
     finally:
         for name in LAYER_NAMES:
             subprocess.run(["docker", "image", "rm", f"{repository}:{name}-{HERMETIC}"], capture_output=True)
