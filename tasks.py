@@ -162,6 +162,7 @@ def verify(c, profile="stable", layer=None, set_=None, own_only=False, full=Fals
         "cpu": "do not pass the GPU even when Docker has the NVIDIA runtime",
         "no-wgsl-repair": "fail on TVM's read_write buffer defect instead of repairing it (see docs/CONVERT.md)",
         "device": "where the merge and weight conversion run: auto (default: the GPU when passed), cpu, cuda",
+        "link-opt": "emcc's -O level at the library's link: O2 (default, about twice as fast) or O3 (TVM's own)",
     }
 )
 @friendly
@@ -182,6 +183,7 @@ def convert(
     cpu=False,
     no_wgsl_repair=False,
     device=None,
+    link_opt=None,
 ):
     """Convert a model (and optional PEFT adapter) into a WebLLM bundle, in the built image."""
     from llm2wasm.layers import FINAL_LAYER, get_layer
@@ -199,6 +201,7 @@ def convert(
         ("--context-window", context_window),
         ("--base-url", base_url),
         ("--device", device),
+        ("--link-opt", link_opt),
     ):
         if value is not None:
             options += [flag, str(value)]

@@ -115,3 +115,35 @@ def test_a_library_the_browser_would_reject_is_a_failed_compile_step(tmp_path, m
     message = str(error.value)
     assert "compile (WGSL check: a kernel the browser would reject)" in message
     assert "INVALID batch_decode_paged_kv_kernel" in message and "uniform control flow" in message
+
+
+@pytest.mark.parametrize(("link_opt", "user_cflags", "expected"), [("O2", None, "-O2"), ("O3", "-g0", "-g0 -O3")])
+def test_the_link_runs_at_the_requested_level(tmp_path, monkeypatch, link_opt, user_cflags, expected):
+    """emcc appends EMCC_CFLAGS to its arguments, so the last -O there decides over TVM's -O3: the
+    compile step hands mlc_llm the level asked for, after any EMCC_CFLAGS of the user's."""
+    seen = tmp_path / "emcc_cflags"
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        # the argument after a given option
+        'after() { w="$1"; shift; p=""; for a in "$@"; do [ "$p" = "$w" ] && echo "$a"; p="$a"; done; }\n'
+        'case "$*" in\n'
+        f'  *"-m mlc_llm compile"*) printf %s "$EMCC_CFLAGS" > {seen};\n'
+        '    printf "\\000asm\\001\\000\\000\\000" > "$(after -o "$@")";;\n'
+        '  *llm2wasm.convert.wgsl*) echo \'{"repaired": []}\' > "$(after --report "$@")";;\n'
+        "esac\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("LLM2WASM_PYTHON", str(fake))
+    if user_cflags is None:
+        monkeypatch.delenv("EMCC_CFLAGS", raising=False)
+    else:
+        monkeypatch.setenv("EMCC_CFLAGS", user_cflags)
+    converter = prepared_converter(tmp_path, tmp_path / "out", link_opt=link_opt)
+    converter.compile(converter.ws.temp_dir("compile"))
+    assert seen.read_text() == expected
+
+
+def test_another_link_level_compiles_again():
+    """The compile step's key covers the link level: a cached library of another level is not reused."""
+    assert key_of("config", "m", {}, True, "O2") != key_of("config", "m", {}, True, "O3")

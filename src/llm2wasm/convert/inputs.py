@@ -38,6 +38,14 @@ MERGEABLE_PEFT_TYPES = {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "OFT", "BOFT"}
 PREQUANTIZED_METHODS = {"gptq", "awq", "bitsandbytes", "aqlm", "exl2", "hqq", "quanto", "fp8", "compressed-tensors"}
 
 
+# emcc's optimisation level for the model library's link, where nearly all of its time is binaryen's
+# wasm-opt over the whole module (TVM's create_tvmjs_wasm passes -O3). Measured on the tiny Llama
+# (bench/results.md): O2 takes about 45 % of O3's link time for a library 1.04x the size with the
+# same exports and imports and the same tokens in the browser; O1 skips wasm-opt (1.6x the size).
+LINK_OPT_LEVELS = ("O2", "O3")
+DEFAULT_LINK_OPT = "O2"
+
+
 @dataclass
 class ConvertRequest:
     model_dir: Path
@@ -52,6 +60,8 @@ class ConvertRequest:
     force: bool = False
     # declare never-written buffers read-only where the WGSL check finds TVM's read_write defect
     repair_wgsl: bool = True
+    # emcc's -O level at the library's link (LINK_OPT_LEVELS)
+    link_opt: str = "O2"
     device: str = "auto"  # merge and convert_weight (llm2wasm.convert.device)
     strict_template: bool = False
     # the model's default system message, where it differs from the chosen template's
@@ -317,6 +327,7 @@ def build_request(args, names: MlcNames, previous_bundle) -> ConvertRequest:
         base_url=base_url,
         force=args.force,
         repair_wgsl=not getattr(args, "no_wgsl_repair", False),
+        link_opt=getattr(args, "link_opt", DEFAULT_LINK_OPT),
         device=getattr(args, "device", "auto"),
         strict_template=getattr(args, "strict_template", False),
         warnings=warnings,

@@ -112,13 +112,15 @@ class Workspace:
         return Path(tempfile.mkdtemp(prefix=f"tmp-{step}-", dir=self.root))
 
 
-def run_logged(step: str, cmd: list[str], log: Path, cwd: Path | None = None) -> None:
+def run_logged(
+    step: str, cmd: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> None:
     """Run a step's command, output to its log, a heartbeat on the terminal while it runs."""
     started = time.monotonic()
     with open(log, "w") as handle:
         handle.write("$ " + " ".join(cmd) + "\n")
         handle.flush()
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd)
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         while True:
             try:
                 status = proc.wait(timeout=HEARTBEAT_SECONDS)
@@ -127,6 +129,15 @@ def run_logged(step: str, cmd: list[str], log: Path, cwd: Path | None = None) ->
                 say(f"  … {step} running, {time.monotonic() - started:.0f}s so far (log: {log})")
     if status != 0:
         raise StepFailed(step, log)
+
+
+def link_environment(link_opt: str) -> dict[str, str]:
+    """The environment of `mlc_llm compile` with emcc's -O level for the library's link: emcc appends
+    EMCC_CFLAGS (its own variable) to its arguments, so the last -O wins over TVM's -O3, and the link
+    is the only emcc command mlc_llm compile runs. A user's own EMCC_CFLAGS is kept, before it."""
+    env = dict(os.environ)
+    env["EMCC_CFLAGS"] = " ".join(filter(None, [env.get("EMCC_CFLAGS", ""), f"-{link_opt}"]))
+    return env
 
 
 def source_view(model_dir: Path, view: Path) -> Path:
@@ -316,7 +327,7 @@ class Converter:
         if overrides:
             cmd += ["--overrides", ";".join(f"{k}={v}" for k, v in overrides.items())]
         log = self.ws.logs / "compile.log"
-        run_logged("compile", cmd, log, cwd=tmp)
+        run_logged("compile", cmd, log, cwd=tmp, env=link_environment(r.link_opt))
         if not wasm.is_file() or wasm.read_bytes()[:4] != b"\0asm":
             with open(log, "a") as handle:
                 handle.write(f"llm2wasm: mlc_llm compile exited 0 but wrote no wasm module at {wasm}\n")
@@ -369,7 +380,7 @@ class Converter:
         config_key = key_of(source_key, names_key)
         self.step("gen_config", config_key, self.gen_config)
         weights_key = key_of(source_key, r.quantization)
-        compile_key = key_of(config_key, r.model_id, r.overrides(), r.repair_wgsl)
+        compile_key = key_of(config_key, r.model_id, r.overrides(), r.repair_wgsl, r.link_opt)
         # Both need only the generated config: run them at the same time.
         # LLM2WASM_STEP_WORKERS=1 runs them one after the other (for comparison, bench/bench.py).
         with ThreadPoolExecutor(max_workers=int(os.environ.get("LLM2WASM_STEP_WORKERS", "2"))) as pool:
