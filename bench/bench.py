@@ -47,7 +47,9 @@ def timed(cmd: list[str], **kwargs) -> float:
 
 # A bump of the MLC wheel pin that the hermetic wheelhouse can satisfy: the pin's text changes (as
 # it does when a user moves to a new release), so every build step that uses it runs again.
-MLC_AI_BUMPED = "apache-tvm>=0.26.0,<0.27"
+# The exclusion of a version that does not exist makes the text unique per run: BuildKit's cache
+# from an earlier bench run must not answer for the rebuild (a run at 16:09 on 2026-12-02 did).
+MLC_AI_BUMPED = f"apache-tvm>=0.26.0,<0.27,!=0.0.{int(time.time())}"
 
 
 def flat_build(no_cache: bool, mlc_ai_requirement: str | None = None) -> float:

@@ -226,7 +226,8 @@ def build_report(profile: str, results, state_dir: Path | None = None) -> BuildR
             row.kept = kept
             row.elsewhere_bytes = max(own - sum(item.added_bytes for item in kept), 0)
         report.layers.append(row)
-    save_kept_sizes(state_dir, cache)
+    # only the images of this build: the file does not grow with every image ever built
+    save_kept_sizes(state_dir, {image: sizes for image, sizes in cache.items() if image in image_ids.values()})
     if results:
         probe = docker.run(
             ["run", "--rm", "--network", "none", "--entrypoint", "sh", results[-1].image_id, "-c", PROBE], check=False
