@@ -63,8 +63,6 @@ def test_emscripten_cache_writable_unprivileged(exec_, image_env, pins):
     cache = image_env["EM_CACHE"]
     result = exec_("sh", "-c", f"touch {cache}/.llm2wasm-probe && rm {cache}/.llm2wasm-probe", user="65534:65534")
     assert result.returncode == 0, result.stderr
-    locked = exec_("find", cache, "!", "-type", "l", "!", "-perm", "-0002").stdout.strip()
-    assert not locked, f"not writable by the conversion user under {cache}: {locked[:1000]}"
 
 
 def test_emcc_links_wasm_unprivileged(exec_):

@@ -61,7 +61,7 @@ class ConvertRequest:
     # declare never-written buffers read-only where the WGSL check finds TVM's read_write defect
     repair_wgsl: bool = True
     # emcc's -O level at the library's link (LINK_OPT_LEVELS)
-    link_opt: str = "O2"
+    link_opt: str = DEFAULT_LINK_OPT
     device: str = "auto"  # merge and convert_weight (llm2wasm.convert.device)
     strict_template: bool = False
     # the model's default system message, where it differs from the chosen template's
