@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -135,6 +136,18 @@ def test_rerun_skips_unchanged_steps(plain_conversion):
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("unchanged inputs, kept from an earlier run") == 3
     assert steps(work / "out") == before
+
+
+def test_steps_record_the_tools_that_made_them(plain_conversion):
+    """What a re-run with a newer image compares (llm2wasm.convert.toolchain), read off the real image."""
+    record = steps(plain_conversion[0] / "out")
+    tools = record["compile"]["tools"]
+    assert tools["tvm"] == "apache-tvm 0.26.0" and tools["mlc_llm"].startswith("mlc-llm "), tools
+    assert tools["emcc"].startswith("3.1.6 "), tools  # Debian's emscripten
+    assert re.fullmatch("MLC_LLM_COMMIT=[0-9a-f]{40} TVM_COMMIT=[0-9a-f]{40}", tools["web_runtime"]), tools
+    assert re.fullmatch(r"0\.1\.0 \([0-9a-f]{12}\)", tools["llm2wasm"]), tools
+    assert record["convert_weight"]["tools"]["torch"].startswith("torch "), record["convert_weight"]
+    assert "emcc" not in record["convert_weight"]["tools"]
 
 
 def test_other_settings_need_force(plain_conversion, tmp_path):

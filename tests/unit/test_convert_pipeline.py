@@ -7,13 +7,22 @@ import json
 import pytest
 
 from llm2wasm.convert.inputs import ConvertRequest
-from llm2wasm.convert.pipeline import Converter, StepFailed, Workspace, key_of, run_logged, source_view
+from llm2wasm.convert.pipeline import (
+    Converter,
+    StepFailed,
+    Workspace,
+    key_of,
+    run_logged,
+    source_view,
+    step_keys,
+)
+from llm2wasm.convert.toolchain import Toolchain, emcc_version, python_packages, web_runtime_commits
 
 
-def prepared_converter(model_dir, output, **settings) -> Converter:
+def prepared_converter(model_dir, output, toolchain=None, **settings) -> Converter:
     """A Converter on a request with the usual settings (overridable), its workspace ready."""
     values = {"quantization": "q4f32_1", "conv_template": "llama-2", "model_id": "m", **settings}
-    converter = Converter(ConvertRequest(model_dir=model_dir, output=output, **values))
+    converter = Converter(ConvertRequest(model_dir=model_dir, output=output, **values), toolchain=toolchain)
     converter.ws.prepare()
     return converter
 
@@ -144,6 +153,104 @@ def test_the_link_runs_at_the_requested_level(tmp_path, monkeypatch, link_opt, u
     assert seen.read_text() == expected
 
 
-def test_another_link_level_compiles_again():
+TOOLS = {
+    "llm2wasm": "0.1.0 (abc)",
+    "mlc_llm": "mlc-llm 0.20.0",
+    "tvm": "apache-tvm 0.26.0",
+    "tvm_ffi": "apache-tvm-ffi 0.1.15",
+    "torch": "torch 2.13.0",
+    "transformers": "transformers 5.24.0",
+    "peft": "peft 0.21.2",
+    "emcc": "3.1.56 (abcdef)",
+    "web_runtime": "MLC_LLM_COMMIT=aa TVM_COMMIT=bb",
+}
+
+
+def keys_with(tmp_path, tools=None, **settings) -> dict[str, str]:
+    values = {"quantization": "q4f32_1", "conv_template": "llama-2", "model_id": "m", **settings}
+    request = ConvertRequest(model_dir=tmp_path, output=tmp_path / "out", **values)
+    return step_keys(request, "source", Toolchain({**TOOLS, **(tools or {})}))
+
+
+def changed_keys(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    return {step for step in before if before[step] != after[step]}
+
+
+def test_another_link_level_compiles_again(tmp_path):
     """The compile step's key covers the link level: a cached library of another level is not reused."""
-    assert key_of("config", "m", {}, True, "O2") != key_of("config", "m", {}, True, "O3")
+    assert changed_keys(keys_with(tmp_path, link_opt="O2"), keys_with(tmp_path, link_opt="O3")) == {"compile"}
+
+
+@pytest.mark.parametrize(
+    "tool, version, remade",
+    [
+        # another mlc_llm can generate another config, convert weights and compile differently
+        ("mlc_llm", "mlc-llm 0.21.0", {"gen_config", "convert_weight", "compile"}),
+        ("tvm", "apache-tvm 0.27.0", {"convert_weight", "compile"}),
+        # only the link runs emcc and links the web runtimes
+        ("emcc", "3.1.57 (fedcba)", {"compile"}),
+        ("web_runtime", "MLC_LLM_COMMIT=cc TVM_COMMIT=bb", {"compile"}),
+        ("torch", "torch 2.14.0", {"convert_weight"}),
+        # llm2wasm's own code (the WGSL repair, the command lines) takes part in every step
+        ("llm2wasm", "0.1.0 (def)", {"gen_config", "convert_weight", "compile"}),
+        ("peft", "peft 0.22.0", set()),  # the merge's, which comes before these (its key is in "source")
+    ],
+)
+def test_a_step_is_made_again_when_a_tool_it_runs_changed(tmp_path, tool, version, remade):
+    assert changed_keys(keys_with(tmp_path), keys_with(tmp_path, {tool: version})) == remade
+
+
+def test_the_merge_key_covers_its_tools():
+    assert Toolchain({**TOOLS, "peft": "peft 0.22.0"}).of("merge") != Toolchain(TOOLS).of("merge")
+    assert Toolchain({**TOOLS, "emcc": "other"}).of("merge") == Toolchain(TOOLS).of("merge")
+
+
+def test_a_rerun_with_other_tools_says_which_changed(tmp_path, capsys):
+    """A re-run in a newer image makes the step again, naming the tool that changed; the record
+    keeps the tools of the run that made the output."""
+    runs = []
+
+    def action(tmp):
+        (tmp / "made").write_text("library")
+        runs.append(tmp)
+
+    for emcc in ("3.1.56 (a)", "3.1.56 (a)", "3.1.57 (b)"):
+        converter = prepared_converter(tmp_path, tmp_path / "out", toolchain=Toolchain({**TOOLS, "emcc": emcc}))
+        key = step_keys(converter.request, "source", converter.toolchain)["compile"]
+        converter.step("compile", key, action)
+    err = capsys.readouterr().err
+    assert len(runs) == 2, err  # the second run kept the first one's output
+    assert "✓ compile: unchanged inputs, kept from an earlier run" in err
+    assert "→ compile … (made again: emcc: 3.1.56 (a) -> 3.1.57 (b))" in err
+    record = json.loads((tmp_path / "out" / ".llm2wasm" / "state.json").read_text())["steps"]["compile"]
+    assert record["tools"]["emcc"] == "3.1.57 (b)"
+
+
+def test_toolchain_reads_the_web_runtime_record(tmp_path):
+    (tmp_path / "BUILT_FROM").write_text("MLC_LLM_REF=v0.20.0\nMLC_LLM_COMMIT=aa\nTVM_COMMIT=bb\nTVM_TAGS=v1=bb\n")
+    assert web_runtime_commits(str(tmp_path)) == "MLC_LLM_COMMIT=aa TVM_COMMIT=bb"
+    assert web_runtime_commits(str(tmp_path / "missing")) == "absent"
+
+
+def test_toolchain_reads_python_package_versions_without_importing_them():
+    found = python_packages(("pytest", "no_such_module_here"))
+    assert found["pytest"].startswith("pytest ") and found["no_such_module_here"] == ""
+    assert Toolchain({"mlc_llm": ""}).of("gen_config")["mlc_llm"] == "absent"
+
+
+@pytest.mark.parametrize(
+    "first_line, version",
+    [
+        (
+            "emcc (Emscripten gcc/clang-like replacement + linker emulating GNU ld) 3.1.56 (cf90417346b78455)",
+            "3.1.56 (cf90417346b78455)",
+        ),
+        ("emcc (Emscripten gcc/clang-like replacement + linker emulating GNU ld) 3.1.6 ()", "3.1.6 ()"),
+    ],
+)
+def test_emcc_version_is_read_off_its_first_line(tmp_path, monkeypatch, first_line, version):
+    emcc = tmp_path / "emcc"
+    emcc.write_text(f"#!/bin/sh\necho '{first_line}'\necho 'Copyright (C) 2014 the Emscripten authors'\n")
+    emcc.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert emcc_version() == version

@@ -1,9 +1,11 @@
 """`llm2wasm convert`: [merge PEFT] -> gen_config -> (convert_weight || compile) -> WebLLM bundle.
 
 Every step writes into a temporary folder under OUT/.llm2wasm/ and is moved into place only when
-it finished; OUT/.llm2wasm/state.json records each finished step with a key of its inputs. A re-run
-skips steps whose key is unchanged, so an interrupted conversion resumes after its last finished
-step. Weight conversion and compilation both need only the generated config, so they run at once.
+it finished; OUT/.llm2wasm/state.json records each finished step with a key of its inputs and of
+the tools it ran (llm2wasm.convert.toolchain). A re-run skips steps whose key is unchanged, so an
+interrupted conversion resumes after its last finished step, and a re-run with other tools (a newer
+image) makes again what they make. Weight conversion and compilation both need only the generated
+config, so they run at once.
 
 Bundle layout (what WebLLM fetches):
     OUT/model/resolve/main/   mlc-chat-config.json, tokenizer files, tensor-cache.json, params_shard_*.bin
@@ -36,6 +38,7 @@ from .device import choose_device, is_out_of_memory
 from .hfconfig import HfView, ModelConfigAdapter, parity_mismatches
 from .inputs import ConvertRequest, build_request, fingerprint, guess_template, warn
 from .mlc import installed_names, mlc_command, parse_memory, python_executable
+from .toolchain import Toolchain, changes, installed_toolchain
 
 STATE_DIR = ".llm2wasm"
 STATE_FILE = "state.json"
@@ -152,21 +155,38 @@ def source_view(model_dir: Path, view: Path) -> Path:
 
 
 class Converter:
-    def __init__(self, request: ConvertRequest, model_config: ModelConfigAdapter | None = None):
+    def __init__(
+        self,
+        request: ConvertRequest,
+        model_config: ModelConfigAdapter | None = None,
+        toolchain: Toolchain | None = None,
+    ):
         self.request = request
         self.model_config = model_config or ModelConfigAdapter()
         self.hf: HfView | None = None
         self.ws = Workspace(request.output)
         self.timings: dict[str, str] = {}
         self._device: str | None = None
+        self._toolchain = toolchain
+
+    @property
+    def toolchain(self) -> Toolchain:
+        if self._toolchain is None:
+            self._toolchain = installed_toolchain()
+        return self._toolchain
 
     # -- steps ----------------------------------------------------------------------------
     def step(self, name: str, key: str, action) -> None:
+        """Run `action` as step `name` unless an earlier run finished it with the same key (which
+        covers the step's tools: `step_keys`)."""
         if self.ws.done(name, key):
             say(f"✓ {name}: unchanged inputs, kept from an earlier run")
             self.timings[name] = "kept"
             return
-        say(f"→ {name} …")
+        tools = self.toolchain.of(name)
+        previous = self.ws.state["steps"].get(name, {}).get("tools")
+        changed = changes(previous, tools) if previous else []
+        say(f"→ {name} … (made again: {'; '.join(changed)})" if changed else f"→ {name} …")
         started, started_at = time.monotonic(), time.time()
         tmp = self.ws.temp_dir(name)
         try:
@@ -176,7 +196,7 @@ class Converter:
             raise
         seconds = time.monotonic() - started
         # wall-clock start and end, so a reader can see which steps ran side by side
-        extra = {"started": round(started_at, 3), "finished": round(time.time(), 3), **extra}
+        extra = {"started": round(started_at, 3), "finished": round(time.time(), 3), "tools": tools, **extra}
         self.ws.finish(name, key, tmp, seconds, extra)
         self.timings[name] = f"{seconds:.1f}s"
         say(f"✓ {name} done in {seconds:.1f}s")
@@ -370,23 +390,20 @@ class Converter:
 
     def _run_steps(self) -> None:
         r = self.request
-        names_key = key_of(r.quantization, r.conv_template, r.system_message, r.context_window, r.prefill_chunk_size)
         if r.adapter is not None:
-            merge_key = key_of(fingerprint(r.model_dir), fingerprint(r.adapter))
+            merge_key = key_of(fingerprint(r.model_dir), fingerprint(r.adapter), self.toolchain.of("merge"))
             self.step("merge", merge_key, self.merge)
             source_key = key_of(merge_key, self.prepare_source(self.ws.root / "merge" / "model"))
         else:
             source_key = key_of(fingerprint(r.model_dir), self.prepare_source(r.model_dir))
-        config_key = key_of(source_key, names_key)
-        self.step("gen_config", config_key, self.gen_config)
-        weights_key = key_of(source_key, r.quantization)
-        compile_key = key_of(config_key, r.model_id, r.overrides(), r.repair_wgsl, r.link_opt)
+        keys = step_keys(r, source_key, self.toolchain)
+        self.step("gen_config", keys["gen_config"], self.gen_config)
         # Both need only the generated config: run them at the same time.
         # LLM2WASM_STEP_WORKERS=1 runs them one after the other (for comparison, bench/bench.py).
         with ThreadPoolExecutor(max_workers=int(os.environ.get("LLM2WASM_STEP_WORKERS", "2"))) as pool:
             futures = [
-                pool.submit(self.step, "convert_weight", weights_key, self.convert_weight),
-                pool.submit(self.step, "compile", compile_key, self.compile),
+                pool.submit(self.step, "convert_weight", keys["convert_weight"], self.convert_weight),
+                pool.submit(self.step, "compile", keys["compile"], self.compile),
             ]
             errors = [future.exception() for future in futures]
         for error in errors:
@@ -398,6 +415,18 @@ class Converter:
         from .bundle import write_bundle
 
         write_bundle(self.request, self.ws.root, self.ws.state["steps"].get("compile", {}).get("memory", {}))
+
+
+def step_keys(r: ConvertRequest, source_key: str, toolchain: Toolchain) -> dict[str, str]:
+    """The keys of the steps after the source is laid out: what each step's output depends on, its
+    settings and the versions of the tools it runs. A key that is unchanged keeps the step's output."""
+    names_key = key_of(r.quantization, r.conv_template, r.system_message, r.context_window, r.prefill_chunk_size)
+    config_key = key_of(source_key, names_key, toolchain.of("gen_config"))
+    return {
+        "gen_config": config_key,
+        "convert_weight": key_of(source_key, r.quantization, toolchain.of("convert_weight")),
+        "compile": key_of(config_key, r.model_id, r.overrides(), r.repair_wgsl, r.link_opt, toolchain.of("compile")),
+    }
 
 
 def request_identity(request: ConvertRequest) -> dict:
