@@ -228,7 +228,7 @@ SELFTEST_TIMEOUT = 1800.0
 def run_selftest_gate(image_id: str, name: str, tag: str, position: str, reporter: Reporter, log_dir: Path) -> float:
     """`llm2wasm selftest` in the image (a tiny model and LoRA made, merged and converted by the
     image's own mlc_llm, emscripten and WGSL check). A failure stops the build like failed checks."""
-    reporter.say(f"    {name}: selftest (a real conversion in the image, about 2 minutes)")
+    reporter.say(f"    {name}: selftest (a real conversion in the image, about a minute)")
     log_path = log_dir / f"{name}-selftest.log"
     started = time.monotonic()
     result = docker.run(
