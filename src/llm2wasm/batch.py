@@ -29,6 +29,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .convert.inputs import LINK_OPT_LEVELS
 from .errors import UsageError
 
 MODEL_KEYS = {
@@ -38,6 +39,7 @@ MODEL_KEYS = {
     "conv_template",
     "context_window",
     "prefill_chunk_size",
+    "link_opt",
     "model_id",
     "resources",
 }
@@ -63,6 +65,7 @@ class Item:
     conv_template: str | None = None
     context_window: int | None = None
     prefill_chunk_size: int | None = None
+    link_opt: str | None = None  # None: llm2wasm convert's default
     resources: dict[str, str] = field(default_factory=dict)
 
     def convert_argv(self, root: Path, output: Path, base_url: str) -> list[str]:
@@ -78,6 +81,8 @@ class Item:
             argv += ["--context-window", str(self.context_window)]
         if self.prefill_chunk_size:
             argv += ["--prefill-chunk-size", str(self.prefill_chunk_size)]
+        if self.link_opt:
+            argv += ["--link-opt", self.link_opt]
         return argv
 
 
@@ -121,6 +126,11 @@ def _check_settings(where: str, table: dict, problems: list[str]) -> None:
     for key in ("context_window", "prefill_chunk_size"):
         if key in table and not _positive_int(table[key]):
             problems.append(f"{where}: {key} must be a positive number of tokens, not {table[key]!r}")
+    if "link_opt" in table and table["link_opt"] not in LINK_OPT_LEVELS:
+        problems.append(
+            f"{where}: link_opt must be one of {', '.join(LINK_OPT_LEVELS)} (emcc's -O level of the link), "
+            f"not {table['link_opt']!r}"
+        )
     if "conv_template" in table and not (isinstance(table["conv_template"], str) and table["conv_template"]):
         problems.append(f'{where}: conv_template must be a template name, e.g. "chatml"')
     resources = table.get("resources", {})
@@ -216,6 +226,7 @@ def parse_spec(text: str, path: Path, root: Path | None = None, *, check_paths: 
                     conv_template=settings.get("conv_template"),
                     context_window=settings.get("context_window"),
                     prefill_chunk_size=settings.get("prefill_chunk_size"),
+                    link_opt=settings.get("link_opt"),
                     resources={k: str(v) for k, v in dict(settings.get("resources") or {}).items()},
                 )
             )

@@ -33,6 +33,7 @@ resources = { cpu = "4", memory = "16Gi" }
 [[model]]
 path = "models/llama"
 prefill_chunk_size = 1024
+link_opt = "O3"
 resources = { cpu = "2", memory = "24Gi", gpu = 1 }
 """
 
@@ -63,6 +64,7 @@ def test_items_are_one_model_in_one_quantization_in_spec_order(spec_dir):
     first, _, llama = spec.items
     assert first.adapter == "adapters/support" and first.conv_template == "chatml" and first.context_window == 2048
     assert llama.adapter is None and llama.prefill_chunk_size == 1024 and llama.resources["gpu"] == "1"
+    assert first.link_opt is None and llama.link_opt == "O3"  # None: convert's own default
 
 
 def test_an_item_is_the_convert_command_with_its_bundle_in_out_model_id(spec_dir):
@@ -90,6 +92,9 @@ def test_an_item_is_the_convert_command_with_its_bundle_in_out_model_id(spec_dir
 
     parsed = build_parser().parse_args(["convert", *argv])
     assert parsed.adapter.endswith("adapters/support") and parsed.context_window == 2048
+    assert "--link-opt" not in argv and parsed.link_opt == "O2"
+    llama = spec.items[2].convert_argv(spec.root, Path("/output"), spec.base_url)
+    assert llama[-2:] == ["--link-opt", "O3"] and build_parser().parse_args(["convert", *llama]).link_opt == "O3"
 
 
 def test_every_problem_is_listed_with_its_entry(spec_dir):
@@ -115,6 +120,7 @@ path = "models/llama"
 quantizations = ["q0f32"]
 adapter = "adapters/nope"
 resources = { cpus = "2" }
+link_opt = "O1"
 """
     message = problems_of(text, spec_dir)
     expected = [
@@ -129,6 +135,7 @@ resources = { cpus = "2" }
         "model 3 (models/llama): no quantizations",
         "model 4 (models/llama): adapter 'adapters/nope' is not a folder under",
         "model 4 (models/llama): unknown resource 'cpus' (did you mean 'cpu'?)",
+        "model 4 (models/llama): link_opt must be one of O2, O3 (emcc's -O level of the link), not 'O1'",
         "nothing was converted",
     ]
     for text_part in expected:
