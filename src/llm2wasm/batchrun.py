@@ -9,7 +9,6 @@ and OUT/batch-report.json (llm2wasm.batch), with a table.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -22,8 +21,7 @@ from pathlib import Path
 from . import docker
 from .batch import STATUS_DIR, BatchSpec, Item, Outcome, collect, load_spec, status_path, write_status
 from .errors import UsageError
-from .hostpaths import HOST_PATHS_VARIABLE
-from .run import docker_has_gpu_runtime
+from .run import conversion_container, docker_has_gpu_runtime
 
 CONTAINER_SPEC_DIR = "/batch"
 CONTAINER_OUTPUT = "/output"
@@ -43,12 +41,11 @@ def default_jobs() -> int:
 
 
 def item_command(spec: BatchSpec, item: Item, image: str, output: Path, gpu: bool) -> list[str]:
-    shown = {CONTAINER_SPEC_DIR: str(spec.root), CONTAINER_OUTPUT: str(output)}
-    cmd = [docker.docker_bin(), "run", "--rm", "--user", f"{os.getuid()}:{os.getgid()}", "--network", "none"]
-    cmd += ["-v", f"{spec.root}:{CONTAINER_SPEC_DIR}:ro", "-v", f"{output}:{CONTAINER_OUTPUT}"]
-    cmd += ["-e", f"{HOST_PATHS_VARIABLE}={json.dumps(shown)}"]
-    if gpu:
-        cmd += ["--gpus", "all"]
+    cmd = conversion_container(
+        [(spec.root, CONTAINER_SPEC_DIR, True), (output, CONTAINER_OUTPUT, False)],
+        {CONTAINER_SPEC_DIR: str(spec.root), CONTAINER_OUTPUT: str(output)},
+        gpu,
+    )
     spec_in_container = f"{CONTAINER_SPEC_DIR}/{spec.path.resolve().relative_to(spec.root)}"
     cmd += [image, "batch", "run", spec_in_container, "--root", CONTAINER_SPEC_DIR]
     cmd += ["--item", str(item.index), "--output", CONTAINER_OUTPUT]

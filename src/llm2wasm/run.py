@@ -42,6 +42,22 @@ def docker_has_gpu_runtime() -> bool:
     return result.returncode == 0 and "nvidia" in json.loads(result.stdout or "{}")
 
 
+def conversion_container(
+    mounts: list[tuple[Path, str, bool]], shown: dict[str, str], gpu: bool, user: str | None = None
+) -> list[str]:
+    """The start of every `docker run` a conversion runs in (`invoke convert`, each `invoke batch`
+    item): as the calling user (uid:gid), so the files it writes are theirs; without network; the
+    given (host folder, container path, read-only) mounts; the host paths the container's messages
+    show in place of its own (llm2wasm.hostpaths); the GPU when asked."""
+    cmd = [docker.docker_bin(), "run", "--rm", "--user", user or f"{os.getuid()}:{os.getgid()}", "--network", "none"]
+    for host, container, read_only in mounts:
+        cmd += ["-v", f"{host}:{container}:ro" if read_only else f"{host}:{container}"]
+    cmd += ["-e", f"{HOST_PATHS_VARIABLE}={json.dumps(shown)}"]
+    if gpu:
+        cmd += ["--gpus", "all"]
+    return cmd
+
+
 def docker_command(job: ConvertJob) -> tuple[list[str], str]:
     """The docker run command and a sentence on where the conversion runs."""
     model_dir, output = job.model_dir.resolve(), job.output.resolve()
@@ -51,34 +67,17 @@ def docker_command(job: ConvertJob) -> tuple[list[str], str]:
         raise UsageError(f"adapter folder {job.adapter} has no adapter_config.json: pass PEFT's save_pretrained folder")
     if docker.image_id(job.image) is None:
         raise UsageError(f"image {job.image} not found: build it with `invoke build` (or pass --image)")
-    user = job.user or f"{os.getuid()}:{os.getgid()}"
     # OUT is mounted under its own name, so the bundle's default model id, library name and README
     # name the user's folder, not the mount point; the container's messages show host paths.
     container_output = f"{CONTAINER_OUTPUT_ROOT}/{output.name}"
+    mounts = [(model_dir, "/input/model", True), (output, container_output, False)]
     shown = {container_output: str(output), "/input/model": str(model_dir)}
     if job.adapter is not None:
+        mounts.append((job.adapter.resolve(), "/input/adapter", True))
         shown["/input/adapter"] = str(job.adapter.resolve())
-    cmd = [
-        docker.docker_bin(),
-        "run",
-        "--rm",
-        "--user",
-        user,
-        "--network",
-        "none",
-        "-v",
-        f"{model_dir}:/input/model:ro",
-        "-v",
-        f"{output}:{container_output}",
-        "-e",
-        f"{HOST_PATHS_VARIABLE}={json.dumps(shown)}",
-    ]
-    if job.adapter is not None:
-        cmd += ["-v", f"{job.adapter.resolve()}:/input/adapter:ro"]
     gpu = docker_has_gpu_runtime() if job.gpu is None else job.gpu
     where = "on the GPU (NVIDIA runtime found)" if gpu else "on the CPU: Docker has no NVIDIA runtime"
-    if gpu:
-        cmd += ["--gpus", "all"]
+    cmd = conversion_container(mounts, shown, gpu, job.user)
     for name in TOKEN_VARIABLES:
         if os.environ.get(name):
             cmd += ["-e", name]  # by name: docker copies the value from our environment
