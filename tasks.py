@@ -118,19 +118,23 @@ def build(
         "own_only": "run only the layer's own checks, not its parents' as well",
         "full": "run every parent's checks on every image, even where the layer changed nothing they look at",
         "repository": "image repository of the tags (default llm2wasm)",
+        "selftest": "then run the build's last gate too: a real conversion in the app image (about a minute)",
     },
     iterable=["set_"],
 )
 @friendly
-def verify(c, profile="stable", layer=None, set_=None, own_only=False, full=False, repository="llm2wasm"):
+def verify(
+    c, profile="stable", layer=None, set_=None, own_only=False, full=False, repository="llm2wasm", selftest=False
+):
     """Run the testinfra checks on built images, on demand."""
     from llm2wasm.pins import resolve_profile
-    from llm2wasm.verify import verify_built
+    from llm2wasm.state import STATE_DIR
+    from llm2wasm.verify import run_selftest, selftest_tag, verify_built
 
     failed = []
-    results = verify_built(
-        resolve_profile(profile, set_ or []), layer, repository=repository, own_only=own_only, full=full
-    )
+    resolved = resolve_profile(profile, set_ or [])
+    tag = selftest_tag(resolved, repository) if selftest else None  # a missing image stops before any check
+    results = verify_built(resolved, layer, repository=repository, own_only=own_only, full=full)
     for result, selection in results:
         scope = ""
         if selection is not None and selection.has_parents:
@@ -141,6 +145,16 @@ def verify(c, profile="stable", layer=None, set_=None, own_only=False, full=Fals
         if not result.passed:
             print(result.output)
             failed.append(result.layer)
+    if tag:
+        log = STATE_DIR / "logs" / resolved.name / "verify-selftest.log"
+        outcome, seconds = run_selftest(tag, log)
+        passed = outcome.returncode == 0
+        print(
+            f"{'selftest':12} {'PASS' if passed else 'FAIL'}  a real conversion in {tag}  ({seconds:.1f}s)  log: {log}"
+        )
+        if not passed:
+            print("\n".join((outcome.stdout + outcome.stderr).splitlines()[-30:]))
+            failed.append("selftest")
     if failed:
         raise Exit(f"checks failed for: {', '.join(failed)}", code=1)
 

@@ -24,7 +24,7 @@ from . import cuda_libs, docker
 from .errors import BuildFailed
 from .plan import BuildPlan, Step
 from .state import STATE_DIR, VerifiedImages, checks_digest
-from .verify import run_checks, select_checks
+from .verify import run_checks, run_selftest, select_checks
 
 
 @dataclass
@@ -222,20 +222,12 @@ def build_plan(
     return run_graph(plan.steps, build_step, jobs)
 
 
-SELFTEST_TIMEOUT = 1800.0
-
-
 def run_selftest_gate(image_id: str, name: str, tag: str, position: str, reporter: Reporter, log_dir: Path) -> float:
-    """`llm2wasm selftest` in the image (a tiny model and LoRA made, merged and converted by the
-    image's own mlc_llm, emscripten and WGSL check). A failure stops the build like failed checks."""
+    """The selftest (llm2wasm.verify.run_selftest) as the build's last gate: a failure stops the build
+    like failed checks, the image kept for a look and not tagged."""
     reporter.say(f"    {name}: selftest (a real conversion in the image, about a minute)")
     log_path = log_dir / f"{name}-selftest.log"
-    started = time.monotonic()
-    result = docker.run(
-        ["run", "--rm", "--network", "none", image_id, "selftest"], check=False, timeout=SELFTEST_TIMEOUT
-    )
-    seconds = time.monotonic() - started
-    log_path.write_text(result.stdout + result.stderr)
+    result, seconds = run_selftest(image_id, log_path)
     if result.returncode != 0:
         kept = keep_failed_image(image_id, tag)
         tail = "\n".join((result.stdout + result.stderr).splitlines()[-30:])

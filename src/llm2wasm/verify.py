@@ -77,6 +77,34 @@ def select_checks(layer: str, image: str, parent_image: str | None, cache_dir: P
     return CheckSelection(check_modules(layer), reasons)
 
 
+SELFTEST_TIMEOUT = 1800.0
+
+
+def run_selftest(image: str, log_path: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """`llm2wasm selftest` in `image` (a tiny model and LoRA made, merged and converted by the image's
+    own mlc_llm, emscripten and WGSL check), without network; its whole output goes to log_path."""
+    from . import docker
+
+    started = time.monotonic()
+    result = docker.run(["run", "--rm", "--network", "none", image, "selftest"], check=False, timeout=SELFTEST_TIMEOUT)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text(result.stdout + result.stderr)
+    return result, time.monotonic() - started
+
+
+def selftest_tag(profile: Profile, repository: str = "llm2wasm") -> str:
+    """The tagged image of the layer the registry gates with the selftest (the one users run)."""
+    from . import docker
+    from .layers import LAYERS
+
+    layer = next(entry for entry in LAYERS if entry.selftest)
+    tag = layer.tag(profile.name, repository)
+    if docker.image_id(tag) is None:
+        where = "" if repository == "llm2wasm" else f" --repository {repository}"
+        raise UsageError(f"image {tag} not found: build it first with `invoke build --profile {profile.name}{where}`")
+    return tag
+
+
 def verify_built(
     profile: Profile,
     layer: str | None = None,

@@ -73,6 +73,17 @@ def test_invoke_verify_on_demand(hermetic_chain):
     assert "emsdk" in result.stdout and "PASS" in result.stdout
 
 
+def test_invoke_verify_runs_the_selftest_on_demand(hermetic_chain):
+    """The build's last gate, a real conversion, on the tagged app image (for an image pulled or
+    built earlier)."""
+    result = invoke("verify", "--profile", HERMETIC, "--layer", "app", "--own-only", "--selftest")
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("selftest"))
+    assert "PASS  a real conversion in llm2wasm:app-hermetic" in line, result.stdout
+    log = ROOT / ".llm2wasm" / "logs" / HERMETIC / "verify-selftest.log"
+    assert "selftest passed" in log.read_text()
+
+
 def test_verify_before_build_names_the_fix(hermetic_chain):
     result = invoke("verify", "--profile", HERMETIC, "--layer", "app", "--repository", "llm2wasm-never-built")
     assert result.returncode == 2

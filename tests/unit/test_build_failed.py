@@ -88,3 +88,16 @@ def test_an_image_verified_without_its_selftest_is_not_publishable():
     assert checks_digest("app", profile, selftest=False) != checks_digest("app", profile)
     # layers without a selftest are verified the same either way
     assert checks_digest("ml", profile, selftest=False) == checks_digest("ml", profile)
+
+
+def test_verify_selftest_of_an_image_never_built_names_the_fix(monkeypatch):
+    from llm2wasm.errors import UsageError
+    from llm2wasm.pins import resolve_profile
+    from llm2wasm.verify import selftest_tag
+
+    monkeypatch.setattr(build.docker, "image_id", lambda ref: None)
+    with pytest.raises(UsageError) as error:
+        selftest_tag(resolve_profile("cpu"), "mine")
+    assert "image mine:app-cpu not found: build it first with `invoke build --profile cpu --repository mine`" in str(
+        error.value
+    )
