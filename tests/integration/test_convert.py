@@ -123,6 +123,40 @@ def test_q0f32_bundle_is_complete(plain_conversion):
     assert facts.size > 1_000_000 and facts.kernels
 
 
+# The browser tests' transformers reference against what the q0f32 bundle really stores.
+STORED_WEIGHTS = """
+import json, numpy, torch, tvm
+from tvm.contrib import tvmjs
+from transformers import AutoModelForCausalLM
+from llm2wasm.convert.tiny import round_as_f32_bundle_stores
+stored, _ = tvmjs.load_tensor_cache("/work/out/model/resolve/main", tvm.cpu())
+model = AutoModelForCausalLM.from_pretrained("/model", dtype=torch.float32)
+source = {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
+round_as_f32_bundle_stores(model)
+rounded = dict((name, p.detach().numpy()) for name, p in model.named_parameters())
+names = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.0.self_attn.o_proj.weight"]
+print(json.dumps({n: [float(numpy.abs(stored[n].numpy() - x[n]).max()) for x in (rounded, source)] for n in names}))
+"""
+
+
+def test_the_reference_computes_with_the_weights_the_bundle_holds(plain_conversion):
+    """mlc_llm stores an f32 bundle's float32 tensors as bfloat16 (TVM's "f32-to-bf16" tensor-cache
+    encoding): the browser tests' transformers reference rounds its weights the same way, bit for
+    bit, and that rounding is not a no-op on these weights."""
+    work, run, _, result = plain_conversion
+    assert result.returncode == 0, result.stderr
+    compared = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}", "-v",
+         f"{run / 'tiny-llama'}:/model:ro", "-v",
+         f"{work}:/work:ro", "--entrypoint", "python", app_image(), "-c", STORED_WEIGHTS],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert compared.returncode == 0, compared.stderr
+    differences = json.loads(compared.stdout.strip().splitlines()[-1])
+    assert all(vs_rounded == 0.0 for vs_rounded, _ in differences.values()), differences
+    assert any(vs_source > 0.0 for _, vs_source in differences.values()), differences
+
+
 def test_weight_conversion_and_compilation_overlap(plain_conversion):
     record = steps(plain_conversion[0] / "out")
     weights, compile_ = record["convert_weight"], record["compile"]
