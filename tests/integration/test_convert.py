@@ -157,6 +157,57 @@ def test_the_reference_computes_with_the_weights_the_bundle_holds(plain_conversi
     assert any(vs_source > 0.0 for _, vs_source in differences.values()), differences
 
 
+# The q4f32_1 reference against what the selftest's q4f32_1 bundle really stores: every weight
+# decoded as mlc_llm's _dequantize reads it (8 int4 per uint32, lowest bits first; (q - 7) * scale).
+QUANTIZED_WEIGHTS = """
+import json, numpy, torch, tvm
+from tvm.contrib import tvmjs
+from transformers import AutoModelForCausalLM
+from llm2wasm.convert.tiny import as_bundle_holds
+stored, _ = tvmjs.load_tensor_cache("/selftest/bundle/model/resolve/main", tvm.cpu())
+model = AutoModelForCausalLM.from_pretrained("/selftest/bundle/.llm2wasm/merge/model", dtype=torch.float32)
+as_bundle_holds(model, "q4f32_1")
+held = dict((name, p.detach().numpy()) for name, p in model.named_parameters())
+def decoded(prefix):
+    packed, scale = stored[prefix + ".q_weight"].numpy(), stored[prefix + ".q_scale"].numpy()
+    q = numpy.stack([(packed >> (4 * i)) & 0xF for i in range(8)], axis=-1).reshape(packed.shape[0], -1)
+    return (q.astype("float32") - 7) * numpy.repeat(scale, 32, axis=1)
+differences, compared = {}, 0
+for name in stored:
+    if not name.endswith(".q_weight"):
+        continue
+    prefix = name[: -len(".q_weight")]
+    if prefix.endswith("qkv_proj"):
+        source = numpy.concatenate([held[prefix.replace("qkv_proj", x + "_proj") + ".weight"] for x in "qkv"])
+    elif prefix.endswith("gate_up_proj"):
+        source = numpy.concatenate([held[prefix.replace("gate_up_proj", x) + ".weight"] for x in ("gate_proj", "up_proj")])
+    else:
+        source = held[prefix + ".weight"]
+    differences[prefix] = int((decoded(prefix) != source).sum())
+    compared += source.size
+print(json.dumps({"differences": differences, "compared": compared}))
+"""
+
+
+def test_the_q4f32_reference_computes_with_the_weights_the_bundle_holds(selftest):
+    """q4f32_1: the reference's weights (as_bundle_holds: mlc_llm's group quantization emulated,
+    its scales bf16 as stored) equal, value for value, what the selftest's real q4f32_1 bundle
+    stores for every quantized layer: the fused attention and MLP projections, the output head
+    and the embedding."""
+    run, result = selftest
+    assert result.returncode == 0, result.stderr
+    compared = subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}", "-v",
+         f"{run}:/selftest:ro", "--entrypoint", "python", app_image(), "-c", QUANTIZED_WEIGHTS],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert compared.returncode == 0, compared.stderr
+    found = json.loads(compared.stdout.strip().splitlines()[-1])
+    quantized = found["differences"]
+    assert {"lm_head", "model.embed_tokens"} <= set(quantized) and any("qkv_proj" in n for n in quantized), quantized
+    assert found["compared"] > 10_000 and not any(quantized.values()), found
+
+
 def test_weight_conversion_and_compilation_overlap(plain_conversion):
     record = steps(plain_conversion[0] / "out")
     weights, compile_ = record["convert_weight"], record["compile"]

@@ -5,10 +5,12 @@ the image's own transformers (5.x: `rope_parameters`, no top-level `rope_theta`)
 that is not the default, grouped-query attention where the family has it, tied or untied
 embeddings as the family has them, made decisive like the browser test's model; converted at
 q0f32 by the real hermetic chain; loaded by the real WebLLM in headless Chromium. Its greedy token
-ids must equal transformers', and the bundle's mlc-chat-config.json must carry the model's rope
-base (mlc_llm's own configs fall back to 10000 or fail on the transformers 5 format).
+ids must equal transformers' (computing with the weights the bundle holds: bf16-rounded, as
+mlc_llm stores float32), and the bundle's mlc-chat-config.json must carry the model's rope base
+(mlc_llm's own configs fall back to 10000 or fail on the transformers 5 format).
 
-The Llama of this matrix is the browser test's model (tests/integration/test_browser.py).
+The q0f32 Llama is the browser test's model (tests/integration/test_browser.py); the matrix's
+Llama is the same model at 4 bits (q4f32_1), the quantization family users ship.
 """
 
 from __future__ import annotations
@@ -25,16 +27,18 @@ from tests.browser import chromium_path, run_preview_page, start_preview
 from tests.conftest import app_image, run_app
 
 STEPS = 8
-# Every family but llama (the browser test's) — each costs one q0f32 compile (about 2 minutes).
+# Every family but llama at q0f32 (the browser test's) — each costs one compile (about a minute).
 # "+lora": the same family fine-tuned, through `convert --adapter` (merged by llm2wasm, saved by
 # transformers 5 again): a LoRA on every linear layer whose merge changes the greedy tokens.
-ARCHITECTURES = ["qwen2", "qwen3", "phi3", "mistral", "gpt_neox", "qwen2+lora", "mistral+lora"]
+# "@q4f32_1": converted at 4 bits (mlc_llm's group quantization), against a reference computing
+# with the quantized weights (llm2wasm.convert.tiny.as_bundle_holds); the others are q0f32.
+ARCHITECTURES = ["qwen2", "qwen3", "phi3", "mistral", "gpt_neox", "qwen2+lora", "mistral+lora", "llama@q4f32_1"]
 
 MAKE_MODEL = """
 import json
 from pathlib import Path
 from llm2wasm.convert.tiny import make_browser_check_adapter, make_browser_check_model
-reference = make_browser_check_model(Path("/work/model"), steps=%d, architecture=%r)
+reference = make_browser_check_model(Path("/work/model"), steps=%d, architecture=%r, quantization=%r)
 if %r:
     reference = make_browser_check_adapter(Path("/work/model"), Path("/work/adapter"), steps=%d)
 Path("/work/reference.json").write_text(json.dumps(reference))
@@ -42,9 +46,12 @@ Path("/work/reference.json").write_text(json.dumps(reference))
 
 
 def convert_one(name: str, work: Path) -> tuple[dict | None, subprocess.CompletedProcess]:
-    """Make the model (and adapter) of `name` in the image, then convert it at q0f32 there."""
-    architecture, _, lora = name.partition("+")
-    script = MAKE_MODEL % (STEPS, architecture, bool(lora), STEPS)
+    """Make the model (and adapter) of `name` in the image, then convert it there (q0f32 unless
+    `name` says `@quantization`)."""
+    name_and_lora, _, quantization = name.partition("@")
+    architecture, _, lora = name_and_lora.partition("+")
+    quantization = quantization or "q0f32"
+    script = MAKE_MODEL % (STEPS, architecture, quantization, bool(lora), STEPS)
     made = subprocess.run(
         ["docker", "run", "--rm", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}", "-v",
          f"{work}:/work", "--entrypoint", "python", app_image(), "-c", script],
@@ -52,8 +59,8 @@ def convert_one(name: str, work: Path) -> tuple[dict | None, subprocess.Complete
     )  # fmt: skip
     if made.returncode != 0:
         return None, made
-    model_id = f"tiny-{name.replace('+', '-')}"
-    args = ["convert", "/work/model", "-q", "q0f32", "--conv-template", "chatml", "--context-window", "256",
+    model_id = f"tiny-{name.replace('+', '-').replace('@', '-')}"
+    args = ["convert", "/work/model", "-q", quantization, "--conv-template", "chatml", "--context-window", "256",
             "--prefill-chunk-size", "64", "--model-id", model_id, "-o", "/work/bundle"]  # fmt: skip
     if lora:
         args += ["--adapter", "/work/adapter"]
@@ -65,7 +72,7 @@ def matrix(hermetic_chain, tmp_path_factory):
     """Every conversion of the matrix, two at a time (a conversion's link keeps one core busy)."""
     if chromium_path() is None:
         pytest.fail("Debian's chromium is not installed: run `bash .ci/setup.sh` as root")
-    works = {name: tmp_path_factory.mktemp(name.replace("+", "-")) for name in ARCHITECTURES}
+    works = {name: tmp_path_factory.mktemp(name.replace("+", "-").replace("@", "-")) for name in ARCHITECTURES}
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(convert_one, name, work) for name, work in works.items()}
     return {name: (works[name], *futures[name].result()) for name in ARCHITECTURES}

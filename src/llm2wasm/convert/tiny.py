@@ -204,9 +204,57 @@ def round_as_f32_bundle_stores(model) -> None:
             parameter.copy_(parameter.to(torch.bfloat16).to(parameter.dtype))
 
 
-def greedy_reference(model_dir: Path, prompt: str, steps: int) -> dict:
-    """transformers' greedy continuation of `prompt` on the CPU with the weights a q0f32 bundle
-    holds (round_as_f32_bundle_stores), with the margin by which each chosen token beat the
+# mlc_llm's q4f32_1 (mlc_llm/quantization/quantization.py, GroupQuantize): int4 in groups of 32
+# along the input dimension, symmetric around 7, every linear layer (the output head included) and
+# the embedding quantized, float32 scales.
+Q4_GROUP_SIZE = 32
+Q4_MAX_INT = 7
+
+
+def group_quantize_as_mlc_llm(weight):
+    """The values a q4f32_1 bundle computes with for `weight` (rows of groups of 32): mlc_llm's
+    GroupQuantize._quantize (scale = group max |w| / 7, q = clip(round(w / scale + 7), 0, 14),
+    round to nearest even as LLVM's nearbyint), then its _dequantize, (q - 7) * scale, with the
+    scale as the tensor cache stores it (bf16-rounded, round_as_f32_bundle_stores)."""
+    import torch
+
+    rows, columns = weight.shape
+    if columns % Q4_GROUP_SIZE:
+        raise ValueError(f"a {tuple(weight.shape)} weight does not split into groups of {Q4_GROUP_SIZE}")
+    groups = weight.detach().to(torch.float32).reshape(rows, columns // Q4_GROUP_SIZE, Q4_GROUP_SIZE)
+    scale = groups.abs().amax(dim=-1, keepdim=True) / Q4_MAX_INT
+    # an all-zero group (the padding token's embedding row) has scale 0, so whatever mlc_llm packs
+    # for it dequantizes to 0; dividing by 1 there keeps NaN out
+    quantized = torch.clamp(torch.round(groups / torch.where(scale > 0, scale, 1.0) + Q4_MAX_INT), 0, 2 * Q4_MAX_INT)
+    stored_scale = scale.to(torch.bfloat16).to(torch.float32)
+    return ((quantized - Q4_MAX_INT) * stored_scale).reshape(rows, columns)
+
+
+def as_bundle_holds(model, quantization: str) -> None:
+    """Make `model`'s weights (in place) the values a bundle of `quantization` computes with: for
+    q0f32 every weight bf16-rounded; for q4f32_1 every linear and embedding weight group-quantized
+    as mlc_llm does (group_quantize_as_mlc_llm), the rest (norms, biases) bf16-rounded."""
+    import torch
+
+    if quantization == "q0f32":
+        round_as_f32_bundle_stores(model)
+        return
+    if quantization != "q4f32_1":
+        raise ValueError(f"no reference for quantization {quantization!r}: q0f32 or q4f32_1")
+    quantized = {}
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            quantized[id(module.weight)] = module.weight  # a tied head and embedding: once
+    with torch.no_grad():
+        originals = {key: group_quantize_as_mlc_llm(weight) for key, weight in quantized.items()}
+        round_as_f32_bundle_stores(model)
+        for key, weight in quantized.items():
+            weight.copy_(originals[key].to(weight.dtype))
+
+
+def greedy_reference(model_dir: Path, prompt: str, steps: int, quantization: str = "q0f32") -> dict:
+    """transformers' greedy continuation of `prompt` on the CPU with the weights a bundle of
+    `quantization` holds (as_bundle_holds), with the margin by which each chosen token beat the
     runner-up (the smallest margin says how safe an id-for-id comparison is)."""
     import torch
     from tokenizers import Tokenizer
@@ -216,7 +264,7 @@ def greedy_reference(model_dir: Path, prompt: str, steps: int) -> dict:
     # family's own tokenizer class for a model_type, e.g. Qwen2Tokenizer, and ignore it)
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    round_as_f32_bundle_stores(model)
+    as_bundle_holds(model, quantization)
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     generated, margins = [], []
     sequence = list(ids)
@@ -227,7 +275,13 @@ def greedy_reference(model_dir: Path, prompt: str, steps: int) -> dict:
             generated.append(int(top.indices[0]))
             margins.append(float(top.values[0] - top.values[1]))
             sequence.append(generated[-1])
-    return {"prompt": prompt, "prompt_ids": ids, "reference_ids": generated, "min_margin": min(margins)}
+    return {
+        "prompt": prompt,
+        "prompt_ids": ids,
+        "reference_ids": generated,
+        "min_margin": min(margins),
+        "quantization": quantization,
+    }
 
 
 def decisive_scale_targets(model) -> list:
@@ -241,7 +295,9 @@ def decisive_scale_targets(model) -> list:
     return [p for p in (norm.weight, getattr(norm, "bias", None)) if p is not None]
 
 
-def make_browser_check_model(out: Path, steps: int = 8, min_margin: float = 1.0, architecture: str = "llama") -> dict:
+def make_browser_check_model(
+    out: Path, steps: int = 8, min_margin: float = 1.0, architecture: str = "llama", quantization: str = "q0f32"
+) -> dict:
     """A tiny model of `architecture` whose greedy continuation is decisive, for comparing a
     browser's tokens with transformers' id for id: its vocabulary is exactly the tokenizer's (no id
     the tokenizer cannot name), its output head is scaled up so the best token beats the runner-up
@@ -259,7 +315,7 @@ def make_browser_check_model(out: Path, steps: int = 8, min_margin: float = 1.0,
             for parameter in decisive_scale_targets(model):
                 parameter.mul_(60.0)
         model.save_pretrained(str(model_dir), safe_serialization=True)
-        reference = greedy_reference(model_dir, BROWSER_CHECK_PROMPT, steps)
+        reference = greedy_reference(model_dir, BROWSER_CHECK_PROMPT, steps, quantization)
         chosen = reference["reference_ids"]
         if reference["min_margin"] >= min_margin and 2 not in chosen and len(set(chosen)) >= 3:
             return {**reference, "seed": seed, "architecture": architecture}
