@@ -435,14 +435,16 @@ def test(c, unit=False, k=None):
         "keep": "keep the model, bundle, conversion log and browser record in this folder (default: a temporary one)",
         "summary": "also append the result as Markdown to FILE (e.g. $GITHUB_STEP_SUMMARY)",
         "screenshot": "save a screenshot of the preview page to FILE.png",
+        "quantization": "q0f32 (default) or q4f32_1: what software WebGPU runs and the reference can compute",
     }
 )
 @friendly
-def browser_check(c, profile="stable", image=None, keep=None, summary=None, screenshot=None):
+def browser_check(c, profile="stable", image=None, keep=None, summary=None, screenshot=None, quantization="q0f32"):
     """Prove the image in a browser: WebLLM's greedy tokens of a bundle it made equal transformers'.
 
-    A tiny model is made in the image, converted at q0f32 and run in WebLLM in headless Chromium
-    (WebGPU on the CPU); exit 1 when the tokens differ or the browser reports an error."""
+    A tiny model is made in the image, converted (q0f32, or q4f32_1 with --quantization) and run in
+    WebLLM in headless Chromium (WebGPU on the CPU); exit 1 when the tokens differ or the browser
+    reports an error."""
     import tempfile
 
     from llm2wasm.browsercheck import BrowserCheckFailed, browser_check, summary_markdown
@@ -453,7 +455,11 @@ def browser_check(c, profile="stable", image=None, keep=None, summary=None, scre
         work = Path(keep).resolve() if keep else Path(tmp)
         try:
             check = browser_check(
-                image, work, Path(screenshot) if screenshot else None, say=lambda m: print(m, file=sys.stderr)
+                image,
+                work,
+                Path(screenshot) if screenshot else None,
+                say=lambda m: print(m, file=sys.stderr),
+                quantization=quantization,
             )
         except BrowserCheckFailed as error:
             raise Exit(f"browser check of {image}: {error}", code=1) from None

@@ -3,7 +3,8 @@
 The last gate of the publish workflow, and what the browser tests run against the hermetic image:
 in the image, a tiny decisive model is made and saved by the image's own transformers
 (llm2wasm.convert.tiny.make_browser_check_model) with its greedy reference from transformers,
-converted at q0f32 (f32: a software WebGPU adapter has no shader-f16), served by `llm2wasm preview`
+converted at q0f32 or q4f32_1 (f32: a software WebGPU adapter has no shader-f16; the reference
+computes with the weights the bundle holds), served by `llm2wasm preview`
 from the image, and completed greedily by WebLLM in the machine's headless Chromium or Chrome
 (WebGPU on SwiftShader). It passes when WebLLM's token ids equal transformers', the page and WebGPU
 report no error, and no request leaves 127.0.0.1. WORK keeps the model, the bundle, the conversion's
@@ -23,12 +24,13 @@ from .browser import BrowserRun, chromium_path, run_preview_page, start_preview
 from .errors import UsageError
 
 STEPS = 8
-MODEL_ID = "tiny-q0f32"
+# What a software WebGPU adapter runs (no shader-f16), and what the reference can compute with.
+QUANTIZATIONS = ("q0f32", "q4f32_1")
 MAKE_MODEL = """
 import json
 from pathlib import Path
 from llm2wasm.convert.tiny import make_browser_check_model
-reference = make_browser_check_model(Path("/work/model"), steps=%d)
+reference = make_browser_check_model(Path("/work/model"), steps=%d, quantization=%r)
 Path("/work/reference.json").write_text(json.dumps(reference))
 """
 
@@ -59,7 +61,14 @@ def _in_image(image: str, work: Path, *args: str, entrypoint: str | None = None)
     return docker.run([*cmd, image, *args], check=False, timeout=3600)
 
 
-def browser_check(image: str, work: Path, screenshot: Path | None = None, say=print) -> BrowserCheck:
+def browser_check(
+    image: str, work: Path, screenshot: Path | None = None, say=print, quantization: str = "q0f32"
+) -> BrowserCheck:
+    if quantization not in QUANTIZATIONS:
+        raise UsageError(
+            f"browser-check cannot check quantization {quantization!r}: pass one of {', '.join(QUANTIZATIONS)} "
+            "(f16 ones need shader-f16, which the software WebGPU of a headless browser lacks)"
+        )
     browser = chromium_path()
     if browser is None:
         raise UsageError(
@@ -70,14 +79,15 @@ def browser_check(image: str, work: Path, screenshot: Path | None = None, say=pr
         raise UsageError(f"image {image} not found: build it with `invoke build` (or pass --image)")
     work.mkdir(parents=True, exist_ok=True)
     say(f"browser-check: making a tiny decisive model and its transformers reference in {image}")
-    made = _in_image(image, work, "-c", MAKE_MODEL % STEPS, entrypoint="python")
+    made = _in_image(image, work, "-c", MAKE_MODEL % (STEPS, quantization), entrypoint="python")
     if made.returncode != 0:
         raise BrowserCheckFailed(f"making the model failed:\n{made.stderr[-3000:]}")
     reference = json.loads((work / "reference.json").read_text())
-    say("browser-check: converting it at q0f32 in the image")
+    say(f"browser-check: converting it at {quantization} in the image")
     converted = _in_image(
-        image, work, "convert", "/work/model", "-q", "q0f32", "--conv-template", "llama-2",
-        "--context-window", "256", "--prefill-chunk-size", "64", "--model-id", MODEL_ID, "-o", "/work/bundle",
+        image, work, "convert", "/work/model", "-q", quantization, "--conv-template", "llama-2",
+        "--context-window", "256", "--prefill-chunk-size", "64", "--model-id", f"tiny-{quantization}",
+        "-o", "/work/bundle",
     )  # fmt: skip
     (work / "convert.log").write_text(converted.stderr)
     if converted.returncode != 0:
@@ -114,7 +124,8 @@ def summary_markdown(check: BrowserCheck) -> str:
         "",
         f"- image: `{check.image}`",
         f"- browser: `{check.browser}` (WebGPU on SwiftShader), WebLLM from the image",
-        f"- model: tiny decisive Llama (seed {check.reference.get('seed')}), q0f32, prompt "
+        f"- model: tiny decisive Llama (seed {check.reference.get('seed')}), "
+        f"{check.reference.get('quantization', 'q0f32')}, prompt "
         f"`{check.reference['prompt']}`",
         f"- transformers greedy ids: `{check.reference['reference_ids']}` (smallest margin "
         f"{check.reference['min_margin']:.2f} logits)",

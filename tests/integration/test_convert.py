@@ -180,7 +180,8 @@ for name in stored:
     if prefix.endswith("qkv_proj"):
         source = numpy.concatenate([held[prefix.replace("qkv_proj", x + "_proj") + ".weight"] for x in "qkv"])
     elif prefix.endswith("gate_up_proj"):
-        source = numpy.concatenate([held[prefix.replace("gate_up_proj", x) + ".weight"] for x in ("gate_proj", "up_proj")])
+        parts = [prefix.replace("gate_up_proj", x) + ".weight" for x in ("gate_proj", "up_proj")]
+        source = numpy.concatenate([held[part] for part in parts])
     else:
         source = held[prefix + ".weight"]
     differences[prefix] = int((decoded(prefix) != source).sum())

@@ -29,3 +29,21 @@ def test_a_failure_lists_its_problems():
     text = summary_markdown(check)
     assert not check.ok and text.startswith("## llm2wasm browser check: FAILED")
     assert "not needed (every kernel passed Tint as compiled)" in text and "- WebLLM generated [11, 4, 4]" in text
+
+
+def test_a_quantization_software_webgpu_cannot_run_is_refused_before_anything_runs(tmp_path):
+    import pytest
+
+    from llm2wasm.browsercheck import browser_check
+    from llm2wasm.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"q4f16_1.*q0f32, q4f32_1.*shader-f16"):
+        browser_check("llm2wasm:app-none", tmp_path / "work", quantization="q4f16_1")
+    assert not (tmp_path / "work").exists()
+
+
+def test_the_summary_names_the_checked_quantization():
+    check = BrowserCheck(
+        "llm2wasm:app-cpu", "/usr/bin/chromium", {**REFERENCE, "quantization": "q4f32_1"}, [11, 13, 9], [], BrowserRun()
+    )
+    assert "q4f32_1, prompt" in summary_markdown(check)

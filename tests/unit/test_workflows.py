@@ -47,6 +47,7 @@ def test_publish_pushes_only_from_main_or_tags():
     browser = next(s for s in steps if "invoke browser-check" in s.get("run", ""))
     assert steps.index(build) < steps.index(browser) < steps.index(pushing[0])
     assert '--summary "$GITHUB_STEP_SUMMARY"' in browser["run"] and "if" not in browser
+    assert "--quantization q4f32_1" in browser["run"]  # the 4-bit path too, not only f32 weights
     assert "schedule" in workflow["on"]
 
 
