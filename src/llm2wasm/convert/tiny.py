@@ -322,16 +322,19 @@ def make_browser_check_model(
     raise RuntimeError(f"no seed below 50 gives a continuation with margins >= {min_margin}")
 
 
-def make_browser_check_adapter(model_dir: Path, adapter_dir: Path, steps: int = 8, min_margin: float = 1.0) -> dict:
+def make_browser_check_adapter(
+    model_dir: Path, adapter_dir: Path, steps: int = 8, min_margin: float = 1.0, quantization: str = "q0f32"
+) -> dict:
     """A LoRA on every linear layer of the browser-check model at `model_dir` whose merge changes
     the greedy tokens, and stays decisive; the reference is transformers' greedy continuation of
-    the model merged by llm2wasm's own merge (what `convert --adapter` hands mlc_llm)."""
+    the model merged by llm2wasm's own merge (what `convert --adapter` hands mlc_llm), with the
+    weights a bundle of `quantization` holds."""
     import shutil
     import tempfile
 
     from .merge import merge_adapter
 
-    base_ids = greedy_reference(model_dir, BROWSER_CHECK_PROMPT, steps)["reference_ids"]
+    base_ids = greedy_reference(model_dir, BROWSER_CHECK_PROMPT, steps, quantization)["reference_ids"]
     for seed in range(1, 50):
         # scale 20: activations in the thousands after the first layer, as the "massive
         # activations" of real LLMs (where the bf16 rounding of an f32 bundle's weights shows)
@@ -339,7 +342,7 @@ def make_browser_check_adapter(model_dir: Path, adapter_dir: Path, steps: int = 
         with tempfile.TemporaryDirectory(prefix="llm2wasm-merged-") as tmp:
             merged = Path(tmp) / "merged"
             merge_adapter(model_dir, adapter_dir, merged, Path(tmp) / "merge.log")
-            reference = greedy_reference(merged, BROWSER_CHECK_PROMPT, steps)
+            reference = greedy_reference(merged, BROWSER_CHECK_PROMPT, steps, quantization)
         chosen = reference["reference_ids"]
         decisive = reference["min_margin"] >= min_margin and 2 not in chosen and len(set(chosen)) >= 3
         if decisive and chosen != base_ids:
