@@ -21,11 +21,10 @@ from pathlib import Path
 
 from . import docker
 from .browser import BrowserRun, chromium_path, run_preview_page, start_preview
+from .convert.tiny import REFERENCE_QUANTIZATIONS
 from .errors import UsageError
 
 STEPS = 8
-# What a software WebGPU adapter runs (no shader-f16), and what the reference can compute with.
-QUANTIZATIONS = ("q0f32", "q4f32_1")
 MAKE_MODEL = """
 import json
 from pathlib import Path
@@ -64,9 +63,10 @@ def _in_image(image: str, work: Path, *args: str, entrypoint: str | None = None)
 def browser_check(
     image: str, work: Path, screenshot: Path | None = None, say=print, quantization: str = "q0f32"
 ) -> BrowserCheck:
-    if quantization not in QUANTIZATIONS:
+    if quantization not in REFERENCE_QUANTIZATIONS:
         raise UsageError(
-            f"browser-check cannot check quantization {quantization!r}: pass one of {', '.join(QUANTIZATIONS)} "
+            f"browser-check cannot check quantization {quantization!r}: pass one of "
+            f"{', '.join(REFERENCE_QUANTIZATIONS)} "
             "(f16 ones need shader-f16, which the software WebGPU of a headless browser lacks)"
         )
     browser = chromium_path()

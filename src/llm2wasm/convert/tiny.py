@@ -209,6 +209,9 @@ def round_as_f32_bundle_stores(model) -> None:
 # the embedding quantized, float32 scales.
 Q4_GROUP_SIZE = 32
 Q4_MAX_INT = 7
+# The quantizations a reference can compute with (as_bundle_holds): both run on a software WebGPU
+# adapter, which has no shader-f16.
+REFERENCE_QUANTIZATIONS = ("q0f32", "q4f32_1")
 
 
 def group_quantize_as_mlc_llm(weight):
@@ -239,8 +242,8 @@ def as_bundle_holds(model, quantization: str) -> None:
     if quantization == "q0f32":
         round_as_f32_bundle_stores(model)
         return
-    if quantization != "q4f32_1":
-        raise ValueError(f"no reference for quantization {quantization!r}: q0f32 or q4f32_1")
+    if quantization not in REFERENCE_QUANTIZATIONS:
+        raise ValueError(f"no reference for quantization {quantization!r}: {' or '.join(REFERENCE_QUANTIZATIONS)}")
     quantized = {}
     for module in model.modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
