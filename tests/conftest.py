@@ -132,9 +132,13 @@ def run_app(
     env: dict[str, str] | None = None,
     detach: bool = False,
     timeout: float = 900,
+    entrypoint: str | None = None,
 ) -> subprocess.CompletedProcess:
+    """`docker run` of the hermetic app image as the invoking user, without network: `llm2wasm ARGS`,
+    or `ENTRYPOINT ARGS` (e.g. `python -c SCRIPT` to make a test model with the image's own libraries)."""
     cmd = ["docker", "run", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}"]
     cmd += ["-d"] if detach else ["--rm"]
+    cmd += ["--entrypoint", entrypoint] if entrypoint else []
     for host_path, spec in (mounts or {}).items():
         cmd += ["-v", f"{host_path}:{spec}"]
     for key, value in (env or {}).items():

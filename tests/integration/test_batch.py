@@ -16,7 +16,7 @@ import pytest
 
 from llm2wasm.convert.webllm_types import interface_fields
 from tests.browser import chromium_path, run_preview_page, start_preview
-from tests.conftest import app_image, invoke
+from tests.conftest import app_image, invoke, run_app
 
 STEPS = 8
 MAKE_MODELS = f"""
@@ -56,11 +56,7 @@ ITEMS = ["llama-q0f32", "llama-q4f32_1", "qwen2-q0f32", "broken-q0f32"]
 @pytest.fixture(scope="module")
 def batch_dir(hermetic_chain, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("batch")
-    made = subprocess.run(
-        ["docker", "run", "--rm", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}",
-         "-v", f"{root}:/work", "--entrypoint", "python", app_image(), "-c", MAKE_MODELS],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    made = run_app("-c", MAKE_MODELS, mounts={root: "/work"}, entrypoint="python")
     assert made.returncode == 0, made.stderr
     (root / "models" / "broken").mkdir()
     (root / "models" / "broken" / "config.json").write_text(json.dumps({"model_type": "llama"}))

@@ -27,7 +27,7 @@ import pytest
 
 from llm2wasm.browser import BrowserRun
 from tests.browser import chromium_path, free_port, run_preview_page, start_preview
-from tests.conftest import INVOKE, ROOT, app_image, invoke, run_app
+from tests.conftest import INVOKE, ROOT, invoke, run_app
 
 ARTIFACTS = Path(os.environ.get("LLM2WASM_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 STEPS = 8
@@ -126,10 +126,9 @@ def test_without_the_repair_validation_and_the_browser_fail(browser_bundle, tmp_
     shutil.copytree(work / "bundle", broken, symlinks=True)
     compiled = broken / ".llm2wasm" / "compile" / "tiny-q0f32.as-compiled.wasm"
     shutil.copyfile(compiled, broken / "lib" / "tiny-q0f32.wasm")
-    check = subprocess.run(
-        ["docker", "run", "--rm", "--network", "none", "-v", f"{broken}:/b:ro", "--entrypoint", "python",
-         app_image(), "-m", "llm2wasm.convert.wgsl", "/b/lib/tiny-q0f32.wasm", "--no-repair"],
-        capture_output=True, text=True, timeout=300,
+    check = run_app(
+        "-m", "llm2wasm.convert.wgsl", "/b/lib/tiny-q0f32.wasm", "--no-repair",
+        mounts={broken: "/b:ro"}, entrypoint="python", timeout=300,
     )  # fmt: skip
     assert check.returncode == 1, check.stdout + check.stderr
     assert "INVALID batch_prefill_ragged_kv_kernel" in check.stdout

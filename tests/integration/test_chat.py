@@ -10,13 +10,12 @@ with the same system message. A mismatching template is warned about, and refuse
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import pytest
 
 from tests.browser import chromium_path, run_preview_page, start_preview
-from tests.conftest import ROOT, app_image, run_app
+from tests.conftest import ROOT, run_app
 
 STEPS = 8
 ARTIFACTS = ROOT / "test-artifacts"
@@ -31,11 +30,7 @@ Path("/work/reference.json").write_text(json.dumps(make_chat_check_model(Path("/
 @pytest.fixture(scope="module")
 def chat_model(hermetic_chain, tmp_path_factory):
     work = tmp_path_factory.mktemp("chat")
-    made = subprocess.run(
-        ["docker", "run", "--rm", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}",
-         "-v", f"{work}:/work", "--entrypoint", "python", app_image(), "-c", MAKE_MODEL % STEPS],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    made = run_app("-c", MAKE_MODEL % STEPS, mounts={work: "/work"}, entrypoint="python")
     assert made.returncode == 0, made.stderr
     return work, json.loads((work / "reference.json").read_text())
 

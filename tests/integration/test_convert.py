@@ -145,12 +145,13 @@ def test_the_reference_computes_with_the_weights_the_bundle_holds(plain_conversi
     bit, and that rounding is not a no-op on these weights."""
     work, run, _, result = plain_conversion
     assert result.returncode == 0, result.stderr
-    compared = subprocess.run(
-        ["docker", "run", "--rm", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}", "-v",
-         f"{run / 'tiny-llama'}:/model:ro", "-v",
-         f"{work}:/work:ro", "--entrypoint", "python", app_image(), "-c", STORED_WEIGHTS],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    compared = run_app(
+        "-c",
+        STORED_WEIGHTS,
+        mounts={run / "tiny-llama": "/model:ro", work: "/work:ro"},
+        entrypoint="python",
+        timeout=300,
+    )
     assert compared.returncode == 0, compared.stderr
     differences = json.loads(compared.stdout.strip().splitlines()[-1])
     assert all(vs_rounded == 0.0 for vs_rounded, _ in differences.values()), differences
@@ -197,11 +198,7 @@ def test_the_q4f32_reference_computes_with_the_weights_the_bundle_holds(selftest
     and the embedding."""
     run, result = selftest
     assert result.returncode == 0, result.stderr
-    compared = subprocess.run(
-        ["docker", "run", "--rm", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}", "-v",
-         f"{run}:/selftest:ro", "--entrypoint", "python", app_image(), "-c", QUANTIZED_WEIGHTS],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    compared = run_app("-c", QUANTIZED_WEIGHTS, mounts={run: "/selftest:ro"}, entrypoint="python", timeout=300)
     assert compared.returncode == 0, compared.stderr
     found = json.loads(compared.stdout.strip().splitlines()[-1])
     quantized = found["differences"]

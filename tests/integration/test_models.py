@@ -16,7 +16,6 @@ Llama is the same model at 4 bits (q4f32_1), the quantization family users ship.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser import chromium_path, run_preview_page, start_preview
-from tests.conftest import app_image, run_app
+from tests.conftest import run_app
 
 STEPS = 8
 # Every family but llama at q0f32 (the browser test's) — each costs one compile (about a minute).
@@ -55,11 +54,7 @@ def convert_one(name: str, work: Path) -> tuple[dict | None, subprocess.Complete
     architecture, _, lora = name_and_lora.partition("+")
     quantization = quantization or "q0f32"
     script = MAKE_MODEL % (STEPS, architecture, quantization, bool(lora), STEPS, quantization)
-    made = subprocess.run(
-        ["docker", "run", "--rm", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}", "-v",
-         f"{work}:/work", "--entrypoint", "python", app_image(), "-c", script],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    made = run_app("-c", script, mounts={work: "/work"}, entrypoint="python")
     if made.returncode != 0:
         return None, made
     model_id = f"tiny-{name.replace('+', '-').replace('@', '-')}"
