@@ -109,6 +109,7 @@ def test_conversion_runs_the_mlc_steps_with_the_right_arguments(plain_conversion
     # the read-only model folder was not written to (mlc_llm's index side effect went to the symlink view)
     assert not (run / "tiny-llama" / "model.safetensors.index.json").exists()
     assert "Bundle in /work/out" in result.stderr and "app-config.json" in result.stderr
+    assert "q0f32 computes in float32 with bf16-rounded weights" in result.stderr  # the user is told
 
 
 def test_q0f32_bundle_is_complete(plain_conversion):

@@ -515,4 +515,11 @@ def run_convert(args) -> int:
         + f"). Bundle in {request.output}:\n"
         + summary(request.output)
     )
+    if request.quantization == "q0f32":
+        # Users pick q0f32 expecting the checkpoint's weights unchanged; upstream rounds them.
+        say(
+            "note: mlc_llm stores float32 weights as bfloat16 in the tensor cache (WebLLM widens them on load): "
+            "q0f32 computes in float32 with bf16-rounded weights, not a lossless copy of the checkpoint "
+            "(docs/MODELS.md)"
+        )
     return 0
