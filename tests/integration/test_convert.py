@@ -292,6 +292,24 @@ def test_a_model_type_nothing_knows_is_refused_before_any_step(selftest, tmp_pat
     assert "llama-from-the-future" in result.stderr and not (tmp_path / "out").exists()
 
 
+def test_an_output_head_mlc_llm_would_drop_is_refused_before_any_step(selftest, tmp_path):
+    """An untied Starcoder2 (its own lm_head.weight): the installed mlc_llm's loader would take the
+    embeddings for the head and compute another model, so convert refuses it, exit 2, nothing written."""
+    made = run_app(
+        "-c",
+        "from pathlib import Path; from llm2wasm.convert.tiny import make_tiny_model; "
+        "make_tiny_model(Path('/work/model'), 'starcoder2', vocab_size=15)",
+        mounts={tmp_path: "/work"},
+        entrypoint="python",
+    )
+    assert made.returncode == 0, made.stderr
+    result = run_app("convert", "/work/model", "-q", "q0f32", "--conv-template", "chatml", "-o", "/work/out",
+                     mounts={tmp_path: "/work"})  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "lm_head.weight" in result.stderr and "uses the input embeddings as the output head" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_real_compile_failure_is_a_failed_step_with_the_log_tail(selftest, tmp_path):
     """mlc_llm's own error surfaces as a failed step with its log tail, exit status 1: here its
     LlamaConfig rejects a pipeline_parallel_stages above the layer count (transformers ignores it)."""

@@ -33,7 +33,8 @@ STEPS = 8
 # with the quantized weights (llm2wasm.convert.tiny.as_bundle_holds); the others are q0f32. A
 # fine-tune at 4 bits is what users ship most.
 ARCHITECTURES = [
-    "qwen2", "qwen3", "phi3", "mistral", "gpt_neox", "qwen2+lora", "mistral+lora", "llama@q4f32_1", "qwen2+lora@q4f32_1"
+    "qwen2", "qwen3", "phi3", "mistral", "gpt_neox", "phi", "stablelm", "qwen2+lora", "mistral+lora", "llama@q4f32_1",
+    "qwen2+lora@q4f32_1",
 ]  # fmt: skip
 
 MAKE_MODEL = """

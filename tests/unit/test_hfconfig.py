@@ -178,3 +178,15 @@ def test_a_stale_top_level_rope_theta_yields_to_what_transformers_computes_with(
     assert raw["rope_theta"] == 20000.0 and raw["rope_parameters"]["rope_theta"] == 10000.0
     config, written = mlc_config(raw, hf_view(folder), real_reads("gpt_neox"))
     assert config["rope_theta"] == 10000.0 and "rope_theta = 10000.0" in written
+
+
+def test_an_untied_head_the_installed_loader_would_not_read_is_a_problem():
+    from llm2wasm.convert.hfconfig import untied_head_problem, view_of
+
+    untied = view_of({"model_type": "starcoder2", "tie_word_embeddings": False})
+    tied = view_of({"model_type": "starcoder2", "tie_word_embeddings": True})
+    problem = untied_head_problem("starcoder2", untied, reads_lm_head=False)
+    assert problem and "starcoder2" in problem and "lm_head.weight" in problem and "tied embeddings" in problem
+    assert untied_head_problem("starcoder2", untied, reads_lm_head=True) is None  # a loader that reads it
+    assert untied_head_problem("gpt2", tied, reads_lm_head=False) is None  # tied: nothing of its own to drop
+    assert untied_head_problem("starcoder2", untied, reads_lm_head=None) is None  # mapping not built: no guess

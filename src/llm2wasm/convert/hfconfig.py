@@ -22,6 +22,7 @@ import ast
 import json
 import math
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,59 @@ print(json.dumps({
     "module_source": inspect.getsource(sys.modules[config_class.__module__]),
 }))
 """
+
+
+# Which checkpoint tensors the installed mlc_llm's loader reads for a config: its parameter
+# mapping (MODELS[t].source["huggingface-safetensor"]), built as convert_weight builds it.
+_HEAD_PROBE_SCRIPT = """
+import json, sys
+from mlc_llm.model import MODELS
+from mlc_llm.quantization import QUANTIZATION
+model = MODELS[sys.argv[1]]
+with open(sys.argv[2]) as handle:
+    config = model.config.from_dict(json.load(handle))
+mapping = model.source["huggingface-safetensor"](config, QUANTIZATION["q0f32"])
+head = {tuple(names) for name, names in mapping.param_map.items() if "lm_head" in name}
+others = {tuple(names) for name, names in mapping.param_map.items() if "lm_head" not in name}
+print(json.dumps({"head_from_other_tensor": bool(head & others)}))
+"""
+
+
+def probe_reads_output_head(model_type: str, config: dict) -> bool | None:
+    """Whether the installed mlc_llm's weight loader for `config` reads an output head of the
+    checkpoint's own: False when its head (`lm_head...`) is read from the very tensor another of
+    its parameters reads (the input embeddings). None when the mapping cannot be built here (said
+    on stderr): gen_config and convert_weight then report what is wrong with the config."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as handle:
+        json.dump(config, handle)
+        handle.flush()
+        result = subprocess.run(
+            [python_executable(), "-c", _HEAD_PROBE_SCRIPT, model_type, handle.name],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"llm2wasm: warning: could not build mlc_llm's weight mapping to check the output head: {last}",
+              file=sys.stderr)  # fmt: skip
+        return None
+    return not json.loads(result.stdout.strip().splitlines()[-1])["head_from_other_tensor"]
+
+
+def untied_head_problem(model_type: str, hf: HfView, reads_lm_head: bool | None) -> str | None:
+    """The refusal when the checkpoint has an output head of its own that mlc_llm would not read
+    (mlc_llm's starcoder2 and gpt2 loaders take the embeddings for it, whatever the config says)."""
+    if hf.config.get("tie_word_embeddings", True) or reads_lm_head in (True, None):
+        return None
+    return (
+        f"tie_word_embeddings = false: this {model_type} checkpoint has an output head (lm_head.weight) of its own, "
+        f"but the installed mlc_llm's {model_type} weight loader never reads it and uses the input embeddings "
+        "as the output head, so the bundle would compute another model. Convert a checkpoint with tied "
+        "embeddings, or use an mlc_llm whose loader reads lm_head.weight"
+    )
 
 
 @dataclass(frozen=True)
@@ -329,4 +383,9 @@ class ModelConfigAdapter:
         return config, written, hf
 
     def check(self, model_dir: Path) -> None:
-        self.adapt(model_dir)
+        config, _, hf = self.adapt(model_dir)
+        if not hf.config.get("tie_word_embeddings", True):  # only an untied head can be dropped
+            model_type = config.get("model_type", "")
+            problem = untied_head_problem(model_type, hf, probe_reads_output_head(model_type, config))
+            if problem:
+                raise UsageError(problem)

@@ -73,6 +73,36 @@ ARCHITECTURES = {
             "tie_word_embeddings": False,
         },
     ),
+    # Phi-2 and StableLM 2: partial rotary embeddings, biases, LayerNorm
+    "phi": (
+        "PhiConfig",
+        {
+            "num_key_value_heads": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 25000.0, "partial_rotary_factor": 0.5},
+            "tie_word_embeddings": False,
+        },
+    ),
+    "stablelm": (
+        "StableLmConfig",
+        {
+            "num_key_value_heads": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 40000.0, "partial_rotary_factor": 0.25},
+            "use_qkv_bias": True,
+            "tie_word_embeddings": False,
+        },
+    ),
+    # Untied, which the installed mlc_llm's starcoder2 loader cannot convert (it takes the
+    # embeddings for the output head): for the test that such a checkpoint is refused.
+    "starcoder2": (
+        "Starcoder2Config",
+        {
+            "num_key_value_heads": 2,
+            "rope_theta": 100000.0,
+            "use_bias": True,
+            "sliding_window": None,
+            "tie_word_embeddings": False,
+        },
+    ),
 }
 
 
