@@ -190,3 +190,27 @@ def test_an_untied_head_the_installed_loader_would_not_read_is_a_problem():
     assert untied_head_problem("starcoder2", untied, reads_lm_head=True) is None  # a loader that reads it
     assert untied_head_problem("gpt2", tied, reads_lm_head=False) is None  # tied: nothing of its own to drop
     assert untied_head_problem("starcoder2", untied, reads_lm_head=None) is None  # mapping not built: no guess
+
+
+@pytest.fixture
+def broken_mlc_llm(tmp_path, monkeypatch):
+    """An mlc_llm that fails on import, first on the probes' path: what a broken image holds."""
+    package = tmp_path / "mlc_llm"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise ImportError('mlc_llm broken for this test')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+
+
+def test_a_failing_head_probe_warns_and_does_not_refuse(broken_mlc_llm, capsys):
+    from llm2wasm.convert.hfconfig import probe_reads_output_head
+
+    assert probe_reads_output_head("starcoder2", {"tie_word_embeddings": False}) is None
+    warning = capsys.readouterr().err
+    assert "could not build mlc_llm's weight mapping" in warning and "mlc_llm broken for this test" in warning
+
+
+def test_a_failing_config_probe_refuses_with_the_probes_error(broken_mlc_llm):
+    from llm2wasm.convert.hfconfig import probe_installed_mlc
+
+    with pytest.raises(UsageError, match=r"(?s)config class for 'llama'.*mlc_llm broken for this test"):
+        probe_installed_mlc("llama", set(ROPE_INIT_FUNCTIONS))

@@ -66,6 +66,19 @@ print(json.dumps({"head_from_other_tensor": bool(head & others)}))
 """
 
 
+class ProbeFailed(Exception):
+    """A probe script exited non-zero in the image's Python; the message is its stderr."""
+
+
+def _run_probe(script: str, *args: str) -> dict:
+    """Run `script` in the image's Python (where mlc_llm is installed: the stable profile's nightly
+    may differ from what llm2wasm was written against) and return the JSON its last line prints."""
+    result = subprocess.run([python_executable(), "-c", script, *args], capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise ProbeFailed(result.stderr.strip())
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def probe_reads_output_head(model_type: str, config: dict) -> bool | None:
     """Whether the installed mlc_llm's weight loader for `config` reads an output head of the
     checkpoint's own: False when its head (`lm_head...`) is read from the very tensor another of
@@ -76,18 +89,14 @@ def probe_reads_output_head(model_type: str, config: dict) -> bool | None:
     with tempfile.NamedTemporaryFile("w", suffix=".json") as handle:
         json.dump(config, handle)
         handle.flush()
-        result = subprocess.run(
-            [python_executable(), "-c", _HEAD_PROBE_SCRIPT, model_type, handle.name],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        print(f"llm2wasm: warning: could not build mlc_llm's weight mapping to check the output head: {last}",
-              file=sys.stderr)  # fmt: skip
-        return None
-    return not json.loads(result.stdout.strip().splitlines()[-1])["head_from_other_tensor"]
+        try:
+            data = _run_probe(_HEAD_PROBE_SCRIPT, model_type, handle.name)
+        except ProbeFailed as failure:
+            last = (str(failure).splitlines() or ["no output"])[-1]
+            print(f"llm2wasm: warning: could not build mlc_llm's weight mapping to check the output head: {last}",
+                  file=sys.stderr)  # fmt: skip
+            return None
+    return not data["head_from_other_tensor"]
 
 
 def untied_head_problem(model_type: str, hf: HfView, reads_lm_head: bool | None) -> str | None:
@@ -145,15 +154,13 @@ def _dedent(source: str) -> str:
 
 def probe_installed_mlc(model_type: str, known_rope_types: set[str]) -> MlcConfigReads:
     """Read the installed mlc_llm's config class for `model_type` (in the image's Python)."""
-    result = subprocess.run(
-        [python_executable(), "-c", _PROBE_SCRIPT, model_type], capture_output=True, text=True, timeout=300
-    )
-    if result.returncode != 0:
+    try:
+        data = _run_probe(_PROBE_SCRIPT, model_type)
+    except ProbeFailed as failure:
         raise UsageError(
             f"cannot read the installed mlc_llm's config class for {model_type!r} "
-            f"(is this the llm2wasm image?):\n{result.stderr.strip()[-2000:]}"
-        )
-    data = json.loads(result.stdout.strip().splitlines()[-1])
+            f"(is this the llm2wasm image?):\n{str(failure)[-2000:]}"
+        ) from None
     if "supported" in data:
         raise UsageError(
             f"model_type {model_type!r} is not supported by the installed mlc_llm; it supports: "
