@@ -10,7 +10,10 @@ mlc_llm stores float32), and the bundle's mlc-chat-config.json must carry the mo
 (mlc_llm's own configs fall back to 10000 or fail on the transformers 5 format).
 
 The q0f32 Llama is the browser test's model (tests/integration/test_browser.py); the matrix's
-Llama is the same model at 4 bits (q4f32_1), the quantization family users ship.
+Llama is the same model at 4 bits (q4f32_1), the quantization family users ship. The tied rows
+(llama3_2, qwen2_5) are made to compute something other than their input token
+(llm2wasm.convert.tiny.tied_model_scales); Llama 3.2's rope scaling must change the tokens the same
+weights give with plain rope, so the browser's match shows mlc_llm applied it.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ STEPS = 8
 # "@q4f32_1": converted at 4 bits (mlc_llm's group quantization), against a reference computing
 # with the quantized weights (llm2wasm.convert.tiny.as_bundle_holds); the others are q0f32. A
 # fine-tune at 4 bits is what users ship most.
+# "llama3_2" and "qwen2_5": tied embeddings, as the small models users ship most have them (Llama
+# 3.2 with Llama 3's rope scaling, at 4 bits: its head is the quantized embedding).
 ARCHITECTURES = [
     "qwen2", "qwen3", "phi3", "mistral", "gpt_neox", "phi", "stablelm", "qwen2+lora", "mistral+lora", "llama@q4f32_1",
-    "qwen2+lora@q4f32_1",
+    "qwen2+lora@q4f32_1", "llama3_2@q4f32_1", "qwen2_5",
 ]  # fmt: skip
 
 MAKE_MODEL = """
@@ -123,3 +128,35 @@ def test_webllm_generates_transformers_tokens(converted):
     assert not run.webgpu_errors, "\n".join(run.webgpu_errors[:5])
     (result,) = run.results
     assert result["tokenIds"] == reference["reference_ids"], (architecture, result, reference)
+
+
+def bundle_file(work: Path, name: str) -> dict:
+    return json.loads((work / "bundle" / "model" / "resolve" / "main" / name).read_text())
+
+
+def test_a_rope_scaling_is_carried_and_changes_the_greedy_tokens(converted):
+    name, work, reference, _ = converted
+    rope = json.loads((work / "model" / "config.json").read_text())["rope_parameters"]
+    if rope.get("rope_type", "default") == "default":
+        pytest.skip("no rope scaling in this model")
+    # the same weights with plain rope give other tokens, so the browser's match shows the scaling ran
+    assert reference["without_rope_scaling_ids"] != reference["reference_ids"]
+    scaling = bundle_file(work, "mlc-chat-config.json")["model_config"]["rope_scaling"]
+    for key in ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        assert scaling[key] == rope[key], (name, key, scaling)
+
+
+def test_a_tied_model_has_no_output_head_of_its_own_in_the_bundle(converted):
+    name, work, _, _ = converted
+    config = json.loads((work / "model" / "config.json").read_text())
+    head = [
+        record["name"]
+        for shard in bundle_file(work, "tensor-cache.json")["records"]
+        for record in shard["records"]
+        if record["name"].startswith("lm_head.")
+    ]
+    if config.get("tie_word_embeddings"):
+        assert bundle_file(work, "mlc-chat-config.json")["model_config"]["tie_word_embeddings"] is True
+        assert not head, head  # mlc_llm computes the head with the embedding, as transformers does
+    else:
+        assert head, f"{name} is untied but its bundle holds no lm_head"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 
 WORDS = ["the", "a", "model", "runs", "in", "browser", "with", "webgpu", "and", "wasm", "hello", "world"]
@@ -91,6 +93,25 @@ ARCHITECTURES = {
             "tie_word_embeddings": False,
         },
     ),
+    # The small models users ship most are tied: Llama 3.2 1B/3B (and SmolLM2), with Llama 3's
+    # rope scaling; Qwen2.5 0.5B-3B. Llama 3.2's scaling with its original context shrunk to the
+    # tiny model's (16 positions, so the short browser prompt reaches where it acts).
+    "llama3_2": (
+        "LlamaConfig",
+        {
+            "num_key_value_heads": 2,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+            "tie_word_embeddings": True,
+        },
+    ),
+    "qwen2_5": ("Qwen2Config", {"num_key_value_heads": 2, "rope_theta": 1000000.0, "tie_word_embeddings": True}),
     # Untied, which the installed mlc_llm's starcoder2 loader cannot convert (it takes the
     # embeddings for the output head): for the test that such a checkpoint is refused.
     "starcoder2": (
@@ -317,6 +338,43 @@ def greedy_reference(model_dir: Path, prompt: str, steps: int, quantization: str
     }
 
 
+# How a tied browser-check model's projections are scaled (tied_model_scales), by their names in
+# the tied families of the matrix (Llama, Qwen2).
+TIED_MODEL_SCALES = {"q_proj": 10.0, "k_proj": 10.0, "o_proj": 30.0, "down_proj": 3.0}
+
+
+def tied_model_scales(model) -> list[tuple[object, float]]:
+    """What to scale so a tied model computes something: in a tiny random model the blocks add
+    little to the residual stream, which stays close to the last input token's embedding, and a
+    head tied to that embedding picks the input token again, every step. The attention and MLP
+    outputs scaled up outweigh the embedding, as in a trained model; queries and keys scaled up
+    make attention sharp, so which earlier token it reads depends on the position (the rope), not
+    only on the last token, and the continuation does not settle on one token."""
+    if not model.config.tie_word_embeddings:
+        return []
+    scaled = [
+        (module.weight, TIED_MODEL_SCALES[name.rsplit(".", 1)[-1]])
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in TIED_MODEL_SCALES
+    ]
+    if not scaled:
+        raise RuntimeError(f"none of {', '.join(TIED_MODEL_SCALES)} in {type(model).__name__}")
+    return scaled
+
+
+def without_rope_scaling(model_dir: Path, out: Path) -> Path:
+    """A copy of the model at `model_dir` with the same weights and its rope scaling dropped (the
+    plain rope of the same base): what a conversion that ignored the scaling would compute."""
+    import shutil
+
+    shutil.copytree(model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    rope = config["rope_parameters"]
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def decisive_scale_targets(model) -> list:
     """What to scale to scale the logits: the output head, or where it is tied to the input
     embeddings (scaling those would drown every layer in the input token) the final norm's weight
@@ -347,11 +405,23 @@ def make_browser_check_model(
         with torch.no_grad():
             for parameter in decisive_scale_targets(model):
                 parameter.mul_(60.0)
+            for parameter, scale in tied_model_scales(model):
+                parameter.mul_(scale)
         model.save_pretrained(str(model_dir), safe_serialization=True)
         reference = greedy_reference(model_dir, BROWSER_CHECK_PROMPT, steps, quantization)
         chosen = reference["reference_ids"]
-        if reference["min_margin"] >= min_margin and 2 not in chosen and len(set(chosen)) >= 3:
-            return {**reference, "seed": seed, "architecture": architecture}
+        if not (reference["min_margin"] >= min_margin and 2 not in chosen and len(set(chosen)) >= 3):
+            continue
+        extra = {}
+        rope_type = (model.config.to_dict().get("rope_parameters") or {}).get("rope_type", "default")
+        if rope_type != "default":  # the tokens must show whether the scaling was applied
+            with tempfile.TemporaryDirectory(prefix="llm2wasm-unscaled-") as tmp:
+                plain = greedy_reference(without_rope_scaling(model_dir, Path(tmp) / "m"), BROWSER_CHECK_PROMPT,
+                                         steps, quantization)["reference_ids"]  # fmt: skip
+            if plain == chosen:
+                continue
+            extra = {"rope_type": rope_type, "without_rope_scaling_ids": plain}
+        return {**reference, "seed": seed, "architecture": architecture, **extra}
     raise RuntimeError(f"no seed below 50 gives a continuation with margins >= {min_margin}")
 
 
@@ -363,7 +433,6 @@ def make_browser_check_adapter(
     the model merged by llm2wasm's own merge (what `convert --adapter` hands mlc_llm), with the
     weights a bundle of `quantization` holds."""
     import shutil
-    import tempfile
 
     from .merge import merge_adapter
 
