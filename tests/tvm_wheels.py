@@ -11,6 +11,7 @@ from pathlib import Path
 
 TVM_VERSIONS = ("0.25.0", "0.26.0", "0.27.0.post1")
 HELPER = "tvm/support/emcc.py"
+POSITION_EMBEDDING = "tvm/relax/frontend/nn/llm/position_embedding.py"
 
 
 def cache_dir() -> Path:
@@ -45,18 +46,28 @@ def download_wheel(version: str, dest: Path) -> Path:
     raise RuntimeError(f"pip download apache-tvm=={version} left no wheel in {dest}:\n{output[-3000:]}")
 
 
-def helper_source(version: str) -> str:
-    """tvm/support/emcc.py from the apache-tvm wheel of that version, downloaded once."""
-    extracted = cache_dir() / f"emcc-{version}.py"
+def wheel_file(version: str, path: str, name: str) -> str:
+    """`path` from the apache-tvm wheel of that version, downloaded once, cached as `name`."""
+    extracted = cache_dir() / f"{name}-{version}.py"
     if not extracted.exists():
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
             wheel = download_wheel(version, Path(tmp))
             with zipfile.ZipFile(wheel) as archive:
-                source = archive.read(HELPER).decode()
+                source = archive.read(path).decode()
         partial = extracted.with_suffix(".tmp")
         partial.write_text(source)
         partial.replace(extracted)
     return extracted.read_text()
+
+
+def helper_source(version: str) -> str:
+    """tvm/support/emcc.py from the apache-tvm wheel of that version."""
+    return wheel_file(version, HELPER, "emcc")
+
+
+def position_embedding_source(version: str) -> str:
+    """tvm/relax/frontend/nn/llm/position_embedding.py (the rope kernels) from that wheel."""
+    return wheel_file(version, POSITION_EMBEDDING, "position_embedding")
 
 
 def contrib_layout_from(support_source: str, imports: str = "tvm._ffi") -> str:

@@ -141,9 +141,14 @@ def patched_helper():
         except ImportError:
             continue
     return [module.llm2wasm_runtime_lib(bc) for bc in ("wasm_runtime.bc", "tvmjs_support.bc", "webgpu_runtime.bc")]
+def longrope_rope_kernel():
+    # Phi-3.5 mini's rope kernel, as mlc_llm's KV cache has TVM build it (patches/README.md)
+    from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
+    scaling = {"rope_type": "longrope", "original_max_position_embeddings": 4096, "max_position_embeddings": 131072}
+    return type(llama_rope_with_position_map(10000.0, 1.0, 96, 32, 32, "float16", scaling, 96)).__name__
 for name, func in [("ml_libraries", ml_libraries), ("tvm_and_mlc_llm", tvm_and_mlc_llm),
                    ("mlc_llm_cli_help", mlc_llm_cli_help), ("libinfo_commit", libinfo_commit),
-                   ("patched_helper", patched_helper)]:
+                   ("patched_helper", patched_helper), ("longrope_rope_kernel", longrope_rope_kernel)]:
     probe(name, func)
 print(json.dumps(facts))
 """

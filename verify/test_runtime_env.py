@@ -1,5 +1,6 @@
 """Checks for the runtime-env layer, where the ML wheels join the web toolchain: the web runtime built from
-the installed TVM's commit, CUDA libraries found, emcc.py patched, unprivileged use works."""
+the installed TVM's commit, CUDA libraries found, emcc.py patched, the longrope kernel builds, unprivileged use
+works."""
 
 import posixpath
 from pathlib import Path
@@ -39,6 +40,14 @@ def test_patched_helper_links_the_prebuilt_runtime_objects(python_facts, image_e
     assert helper["ok"], helper["error"]
     directory = image_env["LLM2WASM_WASM_RUNTIME_DIR"]
     assert helper["value"] == [posixpath.join(directory, name.replace(".bc", ".o")) for name in RUNTIME_BC]
+
+
+def test_tvm_builds_the_longrope_rope_kernel(python_facts):
+    # Phi-3, Phi-3.5, Phi-4 mini: the installed TVM fails on its own longrope kernel unless fixed
+    # (patches/tvm-longrope-ext-factors.patch), and `mlc_llm compile` of those models with it
+    kernel = python_facts["longrope_rope_kernel"]
+    assert kernel["ok"], kernel["error"]
+    assert kernel["value"] == "PrimFunc"
 
 
 @pytest.mark.parametrize("name", RUNTIME_BC)

@@ -135,12 +135,12 @@ LAYERS: tuple[Layer, ...] = (
         "runtime-env",
         "web-runtime",
         "the ML wheels joined onto the web toolchain; LD_LIBRARY_PATH from the installed nvidia-* wheels; "
-        "TVM's emcc.py patched (patches/)",
+        "TVM's emcc.py patched, its longrope kernel fixed (patches/)",
         joins=("ml",),
         derived_args={"CUDA_LIBRARY_PATH": "ml"},
         keeps=(
             ("/opt/venv", "the ML branch's environment, copied in whole (it replaces the python layer's)"),
-            ("/opt/llm2wasm", "the CUDA driver stub and the emcc.py patches"),
+            ("/opt/llm2wasm", "the CUDA driver stub and the patches to TVM"),
         ),
     ),
     Layer(

@@ -173,23 +173,41 @@ def test_broken_layer_stops_the_build(hermetic_chain, hermetic_mirror, tmp_path,
                 subprocess.run(["docker", "image", "rm", tag], capture_output=True)
 
 
+def failed_checks(tag: str, dockerfile: str, layer: str, mirror) -> str:
+    """Build `dockerfile` as `tag` and run `layer`'s own checks on it, which must fail; their output."""
+    build_derived_image(tag, dockerfile)
+    try:
+        pins = resolve_profile(HERMETIC, [f"mlc_llm_requirement={mirror.mlc_llm_requirement()}"])
+        result = run_checks(tag, layer, pins, own_only=True)
+    finally:
+        subprocess.run(["docker", "image", "rm", tag], capture_output=True)
+    assert not result.passed, result.output
+    return result.output
+
+
 def test_tvm_source_moved_off_the_pinned_commit_is_caught(hermetic_chain, hermetic_mirror):
     """The web runtime must come from the TVM commit mlc-llm pins; a checkout that moved is caught."""
-    tag = "llm2wasm-broken:tvm-moved"
     dockerfile = (
         f"FROM llm2wasm:web-runtime-{HERMETIC}\n"
         # the record the layer writes from git; a TVM checkout that moved records another commit
         "RUN sed -i 's/^TVM_COMMIT=.*/TVM_COMMIT=0123456789abcdef0123456789abcdef01234567/'"
         " $MLC_LLM_SOURCE_DIR/BUILT_FROM\n"
     )
-    build_derived_image(tag, dockerfile)
-    try:
-        pins = resolve_profile(HERMETIC, [f"mlc_llm_requirement={hermetic_mirror.mlc_llm_requirement()}"])
-        result = run_checks(tag, "web-runtime", pins, own_only=True)
-        assert not result.passed
-        assert "FAILED verify/test_web_runtime.py::test_tvm_source_is_the_submodule_mlc_llm_pins" in result.output
-    finally:
-        subprocess.run(["docker", "image", "rm", tag], capture_output=True)
+    output = failed_checks("llm2wasm-broken:tvm-moved", dockerfile, "web-runtime", hermetic_mirror)
+    assert "FAILED verify/test_web_runtime.py::test_tvm_source_is_the_submodule_mlc_llm_pins" in output
+
+
+def test_tvm_without_the_longrope_fix_is_caught(hermetic_chain, hermetic_mirror):
+    """A TVM whose longrope rope kernel fails to build (the upstream bug the patch fixes) is caught."""
+    kernels = "/opt/venv/lib/python3.11/site-packages/tvm/relax/frontend/nn/llm/position_embedding.py"
+    dockerfile = (
+        f"FROM llm2wasm:runtime-env-{HERMETIC}\nUSER 0\n"
+        f"RUN sed -i 's/        if ext_factors is not None:/        if ext_factors:/' {kernels}\n"
+        "USER 10001:10001\n"
+    )
+    output = failed_checks("llm2wasm-broken:longrope-unfixed", dockerfile, "runtime-env", hermetic_mirror)
+    assert "FAILED verify/test_runtime_env.py::test_tvm_builds_the_longrope_rope_kernel" in output
+    assert "Cannot use and / or / not operator to Expr" in output
 
 
 # What a layer must not keep, and the check that catches it: (layer, Dockerfile lines, check)
@@ -212,15 +230,10 @@ LEFTOVERS = {
 def test_build_leftovers_are_caught(hermetic_chain, hermetic_mirror, kind):
     """The image keeps what conversions use, not what building them needed (issue 15)."""
     layer, lines, check = LEFTOVERS[kind]
-    tag = f"llm2wasm-broken:{kind}"
-    build_derived_image(tag, f"FROM llm2wasm:{layer}-{HERMETIC}\n{lines}")
-    try:
-        pins = resolve_profile(HERMETIC, [f"mlc_llm_requirement={hermetic_mirror.mlc_llm_requirement()}"])
-        result = run_checks(tag, layer, pins, own_only=True)
-        assert not result.passed
-        assert f"FAILED {check}" in result.output
-    finally:
-        subprocess.run(["docker", "image", "rm", tag], capture_output=True)
+    output = failed_checks(
+        f"llm2wasm-broken:{kind}", f"FROM llm2wasm:{layer}-{HERMETIC}\n{lines}", layer, hermetic_mirror
+    )
+    assert f"FAILED {check}" in output
 
 
 def test_emsdk_source_layer_builds_and_passes_its_checks(hermetic_chain, hermetic_mirror):

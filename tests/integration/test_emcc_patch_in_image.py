@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from llm2wasm import docker
-from llm2wasm.emcc_patch import apply, load_patches
 from llm2wasm.pins import resolve_profile
 from llm2wasm.plan import make_plan
+from llm2wasm.tvm_patches import EMCC_FIX, apply, load_patches
 from tests.conftest import HERMETIC, ROOT, build_derived_image
 from tests.tvm_wheels import TVM_VERSIONS, helper_source
 
@@ -54,7 +54,7 @@ def patched_source(version: str) -> str:
         target = Path(tmp) / "tvm" / "support" / "emcc.py"
         target.parent.mkdir(parents=True)
         target.write_text(helper_source(version))
-        apply(Path(tmp) / "tvm", load_patches(ROOT / "patches"), log=lambda _: None)
+        apply(Path(tmp) / "tvm", load_patches(ROOT / "patches", fixes=EMCC_FIX), log=lambda _: None)
         return target.read_text()
 
 
@@ -121,6 +121,6 @@ def test_drifted_helper_stops_the_runtime_env_build(hermetic_chain):
     output = "\n".join(lines)
     assert status != 0, output
     assert "TVM's emcc.py changed upstream; no llm2wasm patch applies" in output
-    assert "helper: /opt/venv/lib/python3.11/site-packages/tvm/support/emcc.py" in output
+    assert "file: /opt/venv/lib/python3.11/site-packages/tvm/support/emcc.py" in output
     assert f"installed TVM: {resolve_profile(HERMETIC)['mlc_ai_requirement'].replace('==', ' ')}" in output
     assert "patches tried:" in output and "tvm-emcc-support-find_wasm_lib.patch" in output

@@ -1,6 +1,7 @@
-"""The emcc.py patches against the real helpers of the apache-tvm wheels 0.25.0, 0.26.0, 0.27.0.post1
-(downloaded from PyPI, cached): apply, idempotence, drift detection. Import and resolution with a
-real TVM are tested in the hermetic image (tests/integration/test_emcc_patch_in_image.py)."""
+"""The patches to TVM against the real files of the apache-tvm wheels 0.25.0, 0.26.0, 0.27.0.post1
+(downloaded from PyPI, cached): apply, idempotence, drift detection; for the emcc.py helper and for
+the longrope rope kernel. Import and resolution with a real TVM are tested in the hermetic image
+(tests/integration/test_emcc_patch_in_image.py; the longrope kernel by verify/ and the model matrix)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from llm2wasm.emcc_patch import MARKER, PatchError, apply, load_patches, main
-from tests.tvm_wheels import TVM_VERSIONS, contrib_layout_from, helper_source
+from llm2wasm.tvm_patches import EMCC_FIX, MARKER, PatchError, apply, apply_all, load_patches, main
+from tests.tvm_wheels import TVM_VERSIONS, contrib_layout_from, helper_source, position_embedding_source
 
 PATCHES = Path(__file__).resolve().parents[2] / "patches"
+LONGROPE_FIX = "longrope-ext-factors"
+POSITION_EMBEDDING = "relax/frontend/nn/llm/position_embedding.py"
+
+
+def emcc_patches():
+    return load_patches(PATCHES, fixes=EMCC_FIX)
 
 
 def tvm_tree(tmp_path: Path, relative: str, source: str) -> Path:
@@ -21,8 +28,14 @@ def tvm_tree(tmp_path: Path, relative: str, source: str) -> Path:
     return tvm
 
 
-def test_every_patch_names_its_target():
-    assert {patch.target for patch in load_patches(PATCHES)} == {"support/emcc.py", "contrib/emcc.py"}
+def test_every_patch_names_its_target_and_fix():
+    patches = load_patches(PATCHES)
+    assert {(p.fixes, p.target) for p in patches} == {
+        (EMCC_FIX, "support/emcc.py"),
+        (EMCC_FIX, "contrib/emcc.py"),
+        (LONGROPE_FIX, POSITION_EMBEDDING),
+    }
+    assert all(p.marker for p in patches)
 
 
 @pytest.mark.parametrize("version", TVM_VERSIONS)
@@ -30,14 +43,14 @@ def test_patch_applies_to_the_real_helper_once(tmp_path, version):
     original = helper_source(version)
     assert "all_libs = []" in original and "find_wasm_lib" in original
     tvm = tvm_tree(tmp_path, "support/emcc.py", original)
-    patch, target, outcome = apply(tvm, load_patches(PATCHES), log=lambda _: None)
+    patch, target, outcome = apply(tvm, emcc_patches(), log=lambda _: None)
     assert outcome == "applied" and patch.target == "support/emcc.py"
     patched = target.read_text()
     assert MARKER in patched and patched.count('llm2wasm_runtime_lib("') == 3
     assert 'find_wasm_lib("webgpu_runtime.bc")[0]' not in patched
     compile(patched, str(target), "exec")  # still valid Python
     # a second application is a no-op: detected, nothing edited
-    assert apply(tvm, load_patches(PATCHES), log=lambda _: None)[2] == "already applied"
+    assert apply(tvm, emcc_patches(), log=lambda _: None)[2] == "already applied"
     assert target.read_text() == patched
     assert not list(target.parent.glob("*.orig")) and not list(target.parent.glob("*.rej"))
 
@@ -50,7 +63,7 @@ def test_contrib_layout_patch(tmp_path, imports, patch_name):
     helper = contrib_layout_from(helper_source("0.25.0"), imports)
     assert f"from {imports}.libinfo import find_lib_path" in helper
     tvm = tvm_tree(tmp_path, "contrib/emcc.py", helper)
-    patch, target, outcome = apply(tvm, load_patches(PATCHES), log=lambda _: None)
+    patch, target, outcome = apply(tvm, emcc_patches(), log=lambda _: None)
     assert outcome == "applied" and patch.target == "contrib/emcc.py" and patch.path.name == patch_name
     patched = target.read_text()
     assert "return find_lib_path(name)[0]" in patched and patched.count('llm2wasm_runtime_lib("') == 3
@@ -68,7 +81,7 @@ def test_drifted_helper_fails_loudly_and_is_left_alone(tmp_path, drift):
     drifted = helper_source("0.27.0.post1").replace(*drift)
     tvm = tvm_tree(tmp_path, "support/emcc.py", drifted)
     with pytest.raises(PatchError) as error:
-        apply(tvm, load_patches(PATCHES), log=lambda _: None)
+        apply(tvm, emcc_patches(), log=lambda _: None)
     message = str(error.value)
     assert "TVM's emcc.py changed upstream; no llm2wasm patch applies" in message
     assert str(tvm / "support" / "emcc.py") in message
@@ -82,7 +95,7 @@ def test_no_helper_at_all(tmp_path):
     tvm = tmp_path / "tvm"
     tvm.mkdir()
     with pytest.raises(PatchError, match="none of"):
-        apply(tvm, load_patches(PATCHES), log=lambda _: None)
+        apply(tvm, emcc_patches(), log=lambda _: None)
 
 
 def test_command_line_exit_status(tmp_path, capsys):
@@ -101,7 +114,7 @@ def patched_runtime_lib(tmp_path: Path, patch_name: str, source: str, relative: 
     import os
 
     tvm = tvm_tree(tmp_path / "tree", relative, source)
-    _, target, _ = apply(tvm, [p for p in load_patches(PATCHES) if p.path.name == patch_name], log=lambda _: None)
+    _, target, _ = apply(tvm, [p for p in emcc_patches() if p.path.name == patch_name], log=lambda _: None)
     module = ast.parse(target.read_text())
     function = next(n for n in module.body if isinstance(n, ast.FunctionDef) and n.name == MARKER)
     namespace = {
@@ -140,3 +153,56 @@ def test_the_prebuilt_object_is_linked_when_the_image_made_one(tmp_path, monkeyp
     (runtime / "webgpu_runtime.o").write_bytes(b"\0asm")
     with pytest.raises(RuntimeError, match=r"Cannot find webgpu_runtime\.bc"):
         runtime_lib("webgpu_runtime.bc")
+
+
+def test_a_patch_without_its_headers_is_refused(tmp_path):
+    (tmp_path / "x.patch").write_text("target: support/emcc.py\n--- a/emcc.py\n+++ b/emcc.py\n")
+    with pytest.raises(PatchError, match="'fixes:', 'marker:'"):
+        load_patches(tmp_path)
+
+
+@pytest.mark.parametrize("version", TVM_VERSIONS)
+def test_longrope_fix_applies_to_the_real_rope_kernels_once(tmp_path, version):
+    original = position_embedding_source(version)
+    assert original.count("        if ext_factors:\n") == 2  # the bug, in both rope builders
+    tvm = tvm_tree(tmp_path, POSITION_EMBEDDING, original)
+    patch, target, outcome = apply(tvm, load_patches(PATCHES, fixes=LONGROPE_FIX), log=lambda _: None)
+    assert outcome == "applied" and patch.path.name == "tvm-longrope-ext-factors.patch"
+    patched = target.read_text()
+    assert "if ext_factors:" not in patched and patched.count("        if ext_factors is not None:\n") == 2
+    compile(patched, str(target), "exec")
+    assert apply(tvm, load_patches(PATCHES, fixes=LONGROPE_FIX), log=lambda _: None)[2] == "already applied"
+
+
+def test_longrope_fix_is_skipped_where_upstream_fixed_the_bug(tmp_path):
+    fixed_upstream = position_embedding_source("0.26.0").replace("if ext_factors:", "if ext_factors is not None :")
+    tvm = tvm_tree(tmp_path, POSITION_EMBEDDING, fixed_upstream)
+    said = []
+    assert apply(tvm, load_patches(PATCHES, fixes=LONGROPE_FIX), log=said.append)[2] == "not needed"
+    assert "upstream no longer has 'if ext_factors:'" in said[0]
+    assert (tvm / POSITION_EMBEDDING).read_text() == fixed_upstream
+
+
+def test_longrope_fix_fails_loudly_where_the_bug_is_there_but_its_context_drifted(tmp_path):
+    drifted = position_embedding_source("0.26.0").replace("        kwargs = {}\n", "        kwargs = dict()\n")
+    tvm = tvm_tree(tmp_path, POSITION_EMBEDDING, drifted)
+    with pytest.raises(PatchError) as error:
+        apply(tvm, load_patches(PATCHES, fixes=LONGROPE_FIX), log=lambda _: None)
+    message = str(error.value)
+    assert "TVM's position_embedding.py changed upstream; no llm2wasm patch applies (longrope-ext-factors)" in message
+    assert f"file: {tvm / POSITION_EMBEDDING}" in message and "tvm-longrope-ext-factors.patch" in message
+    assert (tvm / POSITION_EMBEDDING).read_text() == drifted
+
+
+def test_apply_all_applies_each_fix(tmp_path, capsys):
+    tvm = tvm_tree(tmp_path, "support/emcc.py", helper_source("0.26.0"))
+    (tvm / POSITION_EMBEDDING).parent.mkdir(parents=True)
+    (tvm / POSITION_EMBEDDING).write_text(position_embedding_source("0.26.0"))
+    outcomes = apply_all(tvm, load_patches(PATCHES), log=lambda _: None)
+    assert [(patch.fixes, outcome) for patch, _, outcome in outcomes] == [
+        (EMCC_FIX, "applied"),
+        (LONGROPE_FIX, "applied"),
+    ]
+    assert main(["status", "--patches", str(PATCHES), "--tvm-dir", str(tvm)]) == 0
+    out = capsys.readouterr().out
+    assert "support/emcc.py: applied" in out and "position_embedding.py: applied" in out
