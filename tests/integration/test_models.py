@@ -12,8 +12,9 @@ mlc_llm stores float32), and the bundle's mlc-chat-config.json must carry the mo
 The q0f32 Llama is the browser test's model (tests/integration/test_browser.py); the matrix's
 Llama is the same model at 4 bits (q4f32_1), the quantization family users ship. The tied rows
 (llama3_2, qwen2_5) are made to compute something other than their input token
-(llm2wasm.convert.tiny.tied_model_scales); Llama 3.2's rope scaling must change the tokens the same
-weights give with plain rope, so the browser's match shows mlc_llm applied it.
+(llm2wasm.convert.tiny.check_model_scales); the rope scalings (Llama 3.2's llama3, Phi-3.5's
+longrope) must change the tokens the same weights give with plain rope, so the browser's match
+shows mlc_llm applied them.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ STEPS = 8
 # with the quantized weights (llm2wasm.convert.tiny.as_bundle_holds); the others are q0f32. A
 # fine-tune at 4 bits is what users ship most.
 # "llama3_2" and "qwen2_5": tied embeddings, as the small models users ship most have them (Llama
-# 3.2 with Llama 3's rope scaling, at 4 bits: its head is the quantized embedding).
+# 3.2 with Llama 3's rope scaling, at 4 bits: its head is the quantized embedding); "phi3_5": Phi-3.5
+# mini's long-context rope (longrope).
 ARCHITECTURES = [
     "qwen2", "qwen3", "phi3", "mistral", "gpt_neox", "phi", "stablelm", "qwen2+lora", "mistral+lora", "llama@q4f32_1",
-    "qwen2+lora@q4f32_1", "llama3_2@q4f32_1", "qwen2_5",
+    "qwen2+lora@q4f32_1", "llama3_2@q4f32_1", "qwen2_5", "phi3_5",
 ]  # fmt: skip
 
 MAKE_MODEL = """
@@ -135,15 +137,17 @@ def bundle_file(work: Path, name: str) -> dict:
 
 
 def test_a_rope_scaling_is_carried_and_changes_the_greedy_tokens(converted):
-    name, work, reference, _ = converted
+    name, work, reference, result = converted
     rope = json.loads((work / "model" / "config.json").read_text())["rope_parameters"]
     if rope.get("rope_type", "default") == "default":
         pytest.skip("no rope scaling in this model")
     # the same weights with plain rope give other tokens, so the browser's match shows the scaling ran
     assert reference["without_rope_scaling_ids"] != reference["reference_ids"]
     scaling = bundle_file(work, "mlc-chat-config.json")["model_config"]["rope_scaling"]
-    for key in ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+    for key in sorted(set(rope) - {"rope_theta", "partial_rotary_factor"}):  # llama3's factors, longrope's lists
         assert scaling[key] == rope[key], (name, key, scaling)
+    if rope["rope_type"] == "longrope":  # the check's context window (256) outgrows the original one
+        assert f"beyond {rope['original_max_position_embeddings']} (the model's original context)" in result.stderr
 
 
 def test_a_tied_model_has_no_output_head_of_its_own_in_the_bundle(converted):

@@ -214,3 +214,47 @@ def test_a_failing_config_probe_refuses_with_the_probes_error(broken_mlc_llm):
 
     with pytest.raises(UsageError, match=r"(?s)config class for 'llama'.*mlc_llm broken for this test"):
         probe_installed_mlc("llama", set(ROPE_INIT_FUNCTIONS))
+
+
+def phi35_view(original: int = 4096, max_positions: int = 131072):
+    """Phi-3.5 mini's rope as transformers 5 holds it (long and short factors, its original context)."""
+    from transformers import Phi3Config
+
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0] * 48,
+        "long_factor": [1.5] * 48,
+        "original_max_position_embeddings": original,
+    }
+    config = Phi3Config(
+        hidden_size=3072,
+        num_attention_heads=32,
+        max_position_embeddings=max_positions,
+        original_max_position_embeddings=original,
+        rope_parameters=rope,
+    )
+    return view_of_config(config)
+
+
+def view_of_config(config: PretrainedConfig):
+    from llm2wasm.convert.hfconfig import view_of
+
+    return view_of(config.to_dict())
+
+
+def test_longrope_beyond_its_original_context_is_warned_about():
+    from llm2wasm.convert.hfconfig import longrope_beyond_original_context
+
+    warning = longrope_beyond_original_context(phi35_view(), 131072)
+    assert warning and "beyond 4096" in warning and "--context-window 4096" in warning
+    assert longrope_beyond_original_context(phi35_view(), 4096) is None
+    assert longrope_beyond_original_context(phi35_view(), None) is None
+
+
+def test_other_rope_types_are_not_warned_about():
+    from llm2wasm.convert.hfconfig import longrope_beyond_original_context
+
+    llama3 = view_of_config(LlamaConfig(max_position_embeddings=131072, rope_parameters=LLAMA3_ROPE))
+    assert llama3.rope_type == "llama3"
+    assert longrope_beyond_original_context(llama3, 131072) is None

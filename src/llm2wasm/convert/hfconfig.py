@@ -352,6 +352,30 @@ def parity_mismatches(model_config: dict, hf: HfView) -> list[str]:
     return problems
 
 
+def longrope_beyond_original_context(hf: HfView, context_window: int | None) -> str | None:
+    """The warning for a `longrope` model (Phi-3.5, Phi-4 mini) compiled for a context longer than
+    its original one. TVM's KV cache (relax/frontend/nn/llm/position_embedding.py) chooses the long
+    factors by how many tokens one forward pass holds (a prefill chunk longer than the original
+    context), not by position: decoding past the original context uses the short factors, where
+    transformers computes the whole sequence with the long ones once it is longer (Phi-3's
+    generation even drops its cache to do so)."""
+    if hf.rope_type != "longrope" or not context_window:
+        return None
+    original = hf.rope_params.get("original_max_position_embeddings") or hf.config.get(
+        "original_max_position_embeddings"
+    )
+    if not original or context_window <= original:
+        return None
+    return (
+        f"longrope: this bundle's context window is {context_window} tokens, but beyond {original} (the model's "
+        "original context) it computes otherwise than transformers: the installed TVM's KV cache picks longrope's "
+        "long factors by the number of tokens in one forward pass, not by position, so tokens past "
+        f"{original} are decoded with the short factors, where transformers computes the whole sequence with the "
+        f"long ones once it is longer. Up to {original} "
+        f"tokens both agree; --context-window {original} keeps the bundle there"
+    )
+
+
 def _rope_scaling_mismatch(hf_value: dict | None, mlc_value) -> tuple[str, str] | None:
     mlc = mlc_value if isinstance(mlc_value, dict) and mlc_value else None
     mlc_type = (mlc or {}).get("rope_type") or (mlc or {}).get("type")

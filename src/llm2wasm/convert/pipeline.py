@@ -35,7 +35,7 @@ from .. import __version__
 from ..errors import UsageError
 from .chat import choose, has_chat_template, render_mlc_templates, render_model_template, stop_token_ids, tokenizer_dir
 from .device import choose_device, is_out_of_memory
-from .hfconfig import HfView, ModelConfigAdapter, parity_mismatches
+from .hfconfig import HfView, ModelConfigAdapter, longrope_beyond_original_context, parity_mismatches
 from .inputs import ConvertRequest, build_request, fingerprint, guess_template, warn
 from .mlc import installed_names, mlc_command, parse_memory, python_executable
 from .toolchain import Toolchain, changes, installed_toolchain
@@ -398,6 +398,7 @@ class Converter:
             source_key = key_of(fingerprint(r.model_dir), self.prepare_source(r.model_dir))
         keys = step_keys(r, source_key, self.toolchain)
         self.step("gen_config", keys["gen_config"], self.gen_config)
+        self.warn_about_context()
         # Both need only the generated config: run them at the same time.
         # LLM2WASM_STEP_WORKERS=1 runs them one after the other (for comparison, bench/bench.py).
         with ThreadPoolExecutor(max_workers=int(os.environ.get("LLM2WASM_STEP_WORKERS", "2"))) as pool:
@@ -410,6 +411,13 @@ class Converter:
             if error is not None:
                 raise error
         self.assemble()
+
+    def warn_about_context(self) -> None:
+        """Said on every run (gen_config may be kept), from the context window mlc_llm settled on."""
+        chat_config = json.loads((self.ws.root / "gen_config" / "config" / "mlc-chat-config.json").read_text())
+        warning = longrope_beyond_original_context(self.hf, chat_config.get("context_window_size"))
+        if warning:
+            say(f"llm2wasm: warning: {warning}")
 
     def assemble(self) -> None:
         from .bundle import write_bundle

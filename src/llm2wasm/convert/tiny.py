@@ -112,6 +112,24 @@ ARCHITECTURES = {
         },
     ),
     "qwen2_5": ("Qwen2Config", {"num_key_value_heads": 2, "rope_theta": 1000000.0, "tie_word_embeddings": True}),
+    # Phi-3.5 mini's long-context rope (longrope): per-frequency factors, short ones up to the
+    # original context (4096 there, 32 here, beyond the browser check's sequence) and an
+    # attention factor from max / original positions (256 / 32)
+    "phi3_5": (
+        "Phi3Config",
+        {
+            "num_key_value_heads": 2,
+            "original_max_position_embeddings": 32,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 20000.0,  # Phi-3.5's is 10000: not the default here, so a fallback shows
+                "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 3.0, 4.0, 6.0],
+                "long_factor": [1.0, 1.5, 2.5, 4.0, 8.0, 12.0, 24.0, 48.0],
+                "original_max_position_embeddings": 32,
+            },
+            "tie_word_embeddings": False,
+        },
+    ),
     # Untied, which the installed mlc_llm's starcoder2 loader cannot convert (it takes the
     # embeddings for the output head): for the test that such a checkpoint is refused.
     "starcoder2": (
@@ -338,27 +356,42 @@ def greedy_reference(model_dir: Path, prompt: str, steps: int, quantization: str
     }
 
 
-# How a tied browser-check model's projections are scaled (tied_model_scales), by their names in
-# the tied families of the matrix (Llama, Qwen2).
-TIED_MODEL_SCALES = {"q_proj": 10.0, "k_proj": 10.0, "o_proj": 30.0, "down_proj": 3.0}
+def rope_type(config) -> str:
+    return (config.to_dict().get("rope_parameters") or {}).get("rope_type", "default")
 
 
-def tied_model_scales(model) -> list[tuple[object, float]]:
-    """What to scale so a tied model computes something: in a tiny random model the blocks add
-    little to the residual stream, which stays close to the last input token's embedding, and a
-    head tied to that embedding picks the input token again, every step. The attention and MLP
-    outputs scaled up outweigh the embedding, as in a trained model; queries and keys scaled up
-    make attention sharp, so which earlier token it reads depends on the position (the rope), not
-    only on the last token, and the continuation does not settle on one token."""
-    if not model.config.tie_word_embeddings:
+# How a browser-check model's projections are scaled where its test is about more than the
+# blocks' arithmetic (check_model_scales), by their names in the matrix's families.
+SHARP_ATTENTION = {"q_proj": 10.0, "k_proj": 10.0, "qkv_proj": 10.0}
+TIED_BLOCK_OUTPUTS = {"o_proj": 30.0, "down_proj": 3.0}
+
+
+def check_model_scales(model) -> list[tuple[object, float]]:
+    """What to scale, and by how much, so that the tokens show what the test is about.
+
+    Tied embeddings: in a tiny random model the blocks add little to the residual stream, which
+    stays close to the last input token's embedding, and a head tied to that embedding picks the
+    input token again, every step. The attention and MLP outputs scaled up outweigh the embedding,
+    as in a trained model.
+    Tied embeddings and rope scaling: queries and keys scaled up make attention sharp, so which
+    earlier token it reads depends on the position (the rope, scaled or not), not only on the last
+    token; with the near-uniform attention of random weights a rope scaling changes no token. A
+    fused qkv_proj (Phi-3) scales the values too, which changes nothing the test compares."""
+    tied = bool(model.config.tie_word_embeddings)
+    scales = {}
+    if tied or rope_type(model.config) != "default":
+        scales.update(SHARP_ATTENTION)
+    if tied:
+        scales.update(TIED_BLOCK_OUTPUTS)
+    if not scales:
         return []
     scaled = [
-        (module.weight, TIED_MODEL_SCALES[name.rsplit(".", 1)[-1]])
+        (module.weight, scales[name.rsplit(".", 1)[-1]])
         for name, module in model.named_modules()
-        if name.rsplit(".", 1)[-1] in TIED_MODEL_SCALES
+        if name.rsplit(".", 1)[-1] in scales
     ]
     if not scaled:
-        raise RuntimeError(f"none of {', '.join(TIED_MODEL_SCALES)} in {type(model).__name__}")
+        raise RuntimeError(f"none of {', '.join(scales)} in {type(model).__name__}")
     return scaled
 
 
@@ -405,7 +438,7 @@ def make_browser_check_model(
         with torch.no_grad():
             for parameter in decisive_scale_targets(model):
                 parameter.mul_(60.0)
-            for parameter, scale in tied_model_scales(model):
+            for parameter, scale in check_model_scales(model):
                 parameter.mul_(scale)
         model.save_pretrained(str(model_dir), safe_serialization=True)
         reference = greedy_reference(model_dir, BROWSER_CHECK_PROMPT, steps, quantization)
@@ -413,14 +446,14 @@ def make_browser_check_model(
         if not (reference["min_margin"] >= min_margin and 2 not in chosen and len(set(chosen)) >= 3):
             continue
         extra = {}
-        rope_type = (model.config.to_dict().get("rope_parameters") or {}).get("rope_type", "default")
-        if rope_type != "default":  # the tokens must show whether the scaling was applied
+        scaling = rope_type(model.config)
+        if scaling != "default":  # the tokens must show whether the scaling was applied
             with tempfile.TemporaryDirectory(prefix="llm2wasm-unscaled-") as tmp:
                 plain = greedy_reference(without_rope_scaling(model_dir, Path(tmp) / "m"), BROWSER_CHECK_PROMPT,
                                          steps, quantization)["reference_ids"]  # fmt: skip
             if plain == chosen:
                 continue
-            extra = {"rope_type": rope_type, "without_rope_scaling_ids": plain}
+            extra = {"rope_type": scaling, "without_rope_scaling_ids": plain}
         return {**reference, "seed": seed, "architecture": architecture, **extra}
     raise RuntimeError(f"no seed below 50 gives a continuation with margins >= {min_margin}")
 
