@@ -150,6 +150,10 @@ def test_a_rope_scaling_is_carried_and_changes_the_greedy_tokens(converted):
         assert f"beyond {rope['original_max_position_embeddings']} (the model's original context)" in result.stderr
 
 
+# The output head's parameter in mlc_llm's models: lm_head, or embed_out (GPT-NeoX)
+OUTPUT_HEADS = ("lm_head.", "embed_out.")
+
+
 def test_a_tied_model_has_no_output_head_of_its_own_in_the_bundle(converted):
     name, work, _, _ = converted
     config = json.loads((work / "model" / "config.json").read_text())
@@ -157,10 +161,10 @@ def test_a_tied_model_has_no_output_head_of_its_own_in_the_bundle(converted):
         record["name"]
         for shard in bundle_file(work, "tensor-cache.json")["records"]
         for record in shard["records"]
-        if record["name"].startswith("lm_head.")
+        if record["name"].startswith(OUTPUT_HEADS)
     ]
     if config.get("tie_word_embeddings"):
         assert bundle_file(work, "mlc-chat-config.json")["model_config"]["tie_word_embeddings"] is True
         assert not head, head  # mlc_llm computes the head with the embedding, as transformers does
     else:
-        assert head, f"{name} is untied but its bundle holds no lm_head"
+        assert head, f"{name} is untied but its bundle holds no output head of its own"
