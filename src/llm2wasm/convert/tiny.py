@@ -119,6 +119,7 @@ ARCHITECTURES = {
         "Phi3Config",
         {
             "num_key_value_heads": 2,
+            # at top level too: transformers 5's Phi3Config puts its own default (4096) there otherwise
             "original_max_position_embeddings": 32,
             "rope_parameters": {
                 "rope_type": "longrope",
