@@ -216,45 +216,37 @@ def test_a_failing_config_probe_refuses_with_the_probes_error(broken_mlc_llm):
         probe_installed_mlc("llama", set(ROPE_INIT_FUNCTIONS))
 
 
-def phi35_view(original: int = 4096, max_positions: int = 131072):
-    """Phi-3.5 mini's rope as transformers 5 holds it (long and short factors, its original context)."""
+def phi35_view(tmp_path):
+    """Phi-3.5 mini's rope as transformers 5 saves it (long and short factors, original context 4096)."""
     from transformers import Phi3Config
 
     rope = {
         "rope_type": "longrope",
         "rope_theta": 10000.0,
-        "short_factor": [1.0] * 48,
-        "long_factor": [1.5] * 48,
-        "original_max_position_embeddings": original,
+        "short_factor": [1.0] * 8,
+        "long_factor": [1.5] * 8,
+        "original_max_position_embeddings": 4096,
     }
     config = Phi3Config(
-        hidden_size=3072,
-        num_attention_heads=32,
-        max_position_embeddings=max_positions,
-        original_max_position_embeddings=original,
-        rope_parameters=rope,
+        **TINY, max_position_embeddings=131072, original_max_position_embeddings=4096, rope_parameters=rope
     )
-    return view_of_config(config)
+    return hf_view(saved(tmp_path, config))
 
 
-def view_of_config(config: PretrainedConfig):
-    from llm2wasm.convert.hfconfig import view_of
-
-    return view_of(config.to_dict())
-
-
-def test_longrope_beyond_its_original_context_is_warned_about():
+def test_longrope_beyond_its_original_context_is_warned_about(tmp_path):
     from llm2wasm.convert.hfconfig import longrope_beyond_original_context
 
-    warning = longrope_beyond_original_context(phi35_view(), 131072)
+    phi35 = phi35_view(tmp_path)
+    assert phi35.rope_type == "longrope"
+    warning = longrope_beyond_original_context(phi35, 131072)
     assert warning and "beyond 4096" in warning and "--context-window 4096" in warning
-    assert longrope_beyond_original_context(phi35_view(), 4096) is None
-    assert longrope_beyond_original_context(phi35_view(), None) is None
+    assert longrope_beyond_original_context(phi35, 4096) is None
+    assert longrope_beyond_original_context(phi35, None) is None
 
 
-def test_other_rope_types_are_not_warned_about():
+def test_other_rope_types_are_not_warned_about(tmp_path):
     from llm2wasm.convert.hfconfig import longrope_beyond_original_context
 
-    llama3 = view_of_config(LlamaConfig(max_position_embeddings=131072, rope_parameters=LLAMA3_ROPE))
+    llama3 = hf_view(saved(tmp_path, LlamaConfig(**TINY, max_position_embeddings=131072, rope_parameters=LLAMA3_ROPE)))
     assert llama3.rope_type == "llama3"
     assert longrope_beyond_original_context(llama3, 131072) is None
