@@ -41,8 +41,14 @@ def ensure_engine() -> None:
 
 
 def image_id(ref: str) -> str | None:
+    """The image's ID, None when there is no such image; a UsageError when the engine cannot be
+    reached (a stopped daemon is not a missing image: `invoke build` would not help)."""
     result = run(["image", "inspect", "--format", "{{.Id}}", ref], check=False)
-    return result.stdout.strip() if result.returncode == 0 else None
+    if result.returncode == 0:
+        return result.stdout.strip()
+    if "no such" not in result.stderr.lower():
+        ensure_engine()
+    return None
 
 
 def tag(source: str, target: str) -> None:

@@ -2,14 +2,19 @@
 
 The model (and adapter) are mounted read-only, OUT read-write; the container runs as the calling
 user so the files it writes are theirs; the GPU is passed through when Docker has the NVIDIA
-runtime (said either way); a Hugging Face token is handed over at run time only when set, by
-name (`-e HF_TOKEN`), so its value is neither on the command line nor in any layer.
+runtime (said either way). The container has no network and is given no secret: a model folder is
+hostile input (docs/SECURITY.md), and a token there could only leak, since nothing in it can use
+one. It runs with no capabilities, no privilege escalation and a bound on its processes, under
+`--init`, and is stopped when `invoke convert` is interrupted.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -18,11 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import docker
+from .convert.outputlock import HOST_PID_VARIABLE
 from .errors import UsageError
 from .hostpaths import HOST_PATHS_VARIABLE
 
-TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 CONTAINER_OUTPUT_ROOT = "/output"
+# A conversion runs python, emcc (node), a few compilers in threads: far below this; a fork bomb not.
+CONVERSION_PIDS_LIMIT = 4096
+# What `docker stop` gives the converter to end its steps before it is killed.
+STOP_GRACE_SECONDS = 10
 
 
 @dataclass
@@ -42,29 +51,60 @@ def docker_has_gpu_runtime() -> bool:
     return result.returncode == 0 and "nvidia" in json.loads(result.stdout or "{}")
 
 
+def bind_mount(host: Path, container: str, read_only: bool) -> list[str]:
+    """`--mount` rather than `-v`: a host path with `:` is a path there, not a volume spec. The
+    fields are CSV (Docker reads them so), quoted where the path holds a comma or a quote."""
+    fields = ["type=bind", f"source={host}", f"target={container}", *(["readonly"] if read_only else [])]
+    if any(ch in str(host) for ch in "\n\r"):
+        raise UsageError(f"{host!r}: a path with a line break cannot be mounted; rename the folder")
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="").writerow(fields)
+    return ["--mount", buffer.getvalue()]
+
+
 def conversion_container(
     mounts: list[tuple[Path, str, bool]], shown: dict[str, str], gpu: bool, user: str | None = None
 ) -> list[str]:
     """The start of every `docker run` a conversion runs in (`invoke convert`, each `invoke batch`
-    item): as the calling user (uid:gid), so the files it writes are theirs; without network; the
-    given (host folder, container path, read-only) mounts; the host paths the container's messages
-    show in place of its own (llm2wasm.hostpaths); the GPU when asked."""
-    cmd = [docker.docker_bin(), "run", "--rm", "--user", user or f"{os.getuid()}:{os.getgid()}", "--network", "none"]
+    item): as the calling user (uid:gid), so the files it writes are theirs; without network and
+    without secrets; with the least it needs (no capabilities: it only reads and writes files as
+    that user; no setuid escalation; a bound on processes); under tini (`--init`), so a stop reaches
+    the converter and its children; the given (host folder, container path, read-only) mounts; the
+    host paths the container's messages show in place of its own (llm2wasm.hostpaths); the GPU when
+    asked (the NVIDIA runtime adds its devices itself, capabilities or not)."""
+    cmd = [docker.docker_bin(), "run", "--rm", "--init", "--user", user or f"{os.getuid()}:{os.getgid()}"]
+    cmd += ["--network", "none", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+    cmd += ["--pids-limit", str(CONVERSION_PIDS_LIMIT)]
     for host, container, read_only in mounts:
-        cmd += ["-v", f"{host}:{container}:ro" if read_only else f"{host}:{container}"]
-    cmd += ["-e", f"{HOST_PATHS_VARIABLE}={json.dumps(shown)}"]
+        cmd += bind_mount(host, container, read_only)
+    cmd += ["-e", f"{HOST_PATHS_VARIABLE}={json.dumps(shown)}", "-e", f"{HOST_PID_VARIABLE}={os.getpid()}"]
     if gpu:
         cmd += ["--gpus", "all"]
     return cmd
 
 
-def docker_command(job: ConvertJob) -> tuple[list[str], str]:
+def check_output_folder(output: Path) -> None:
+    """OUT as the host sees it, before a container is started for it."""
+    if output.is_symlink() and not output.exists():
+        raise UsageError(f"output {output} is a symlink to {os.readlink(output)!r}, which does not exist: "
+                         "pass a folder (or create the one it points at)")  # fmt: skip
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"output {output} is a file: pass a folder for the bundle (it is created if missing)")
+    existing = output if output.exists() else next((p for p in output.parents if p.exists()), output.anchor)
+    if not Path(existing).is_dir():
+        raise UsageError(f"output {output}: {existing} is a file, not a folder: choose another output folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to {existing} (as uid {os.getuid()}): choose an output folder you can write to")
+
+
+def docker_command(job: ConvertJob, name: str | None = None) -> tuple[list[str], str]:
     """The docker run command and a sentence on where the conversion runs."""
     model_dir, output = job.model_dir.resolve(), job.output.resolve()
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"model folder {model_dir} has no config.json: pass a Hugging Face checkpoint folder")
     if job.adapter is not None and not (job.adapter / "adapter_config.json").is_file():
         raise UsageError(f"adapter folder {job.adapter} has no adapter_config.json: pass PEFT's save_pretrained folder")
+    check_output_folder(job.output)
     if docker.image_id(job.image) is None:
         raise UsageError(f"image {job.image} not found: build it with `invoke build` (or pass --image)")
     # OUT is mounted under its own name, so the bundle's default model id, library name and README
@@ -78,9 +118,8 @@ def docker_command(job: ConvertJob) -> tuple[list[str], str]:
     gpu = docker_has_gpu_runtime() if job.gpu is None else job.gpu
     where = "on the GPU (NVIDIA runtime found)" if gpu else "on the CPU: Docker has no NVIDIA runtime"
     cmd = conversion_container(mounts, shown, gpu, job.user)
-    for name in TOKEN_VARIABLES:
-        if os.environ.get(name):
-            cmd += ["-e", name]  # by name: docker copies the value from our environment
+    if name:
+        cmd += ["--name", name]
     if sys.stdin.isatty():
         cmd.append("-t")
     cmd += [job.image, "convert", "/input/model", "--quantization", job.quantization, "-o", container_output]
@@ -90,13 +129,42 @@ def docker_command(job: ConvertJob) -> tuple[list[str], str]:
     return cmd, where
 
 
+def run_stoppable(command: list[str], name: str) -> int:
+    """Run a named container's `docker run` until it ends; on Ctrl-C or SIGTERM stop the container
+    (the docker client going away does not stop it) and return 130."""
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    process = subprocess.Popen(command)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        print(f"llm2wasm: interrupted: stopping the conversion (container {name}) …", file=sys.stderr, flush=True)
+        docker.run(["stop", "--time", str(STOP_GRACE_SECONDS), name], check=False)
+        try:
+            process.wait(timeout=STOP_GRACE_SECONDS + 20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_convert_job(job: ConvertJob) -> int:
-    cmd, where = docker_command(job)
+    name = f"llm2wasm-convert-{os.getpid()}-{secrets.token_hex(3)}"
+    cmd, where = docker_command(job, name)
     created = not job.output.exists()
-    job.output.mkdir(parents=True, exist_ok=True)
+    try:
+        job.output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create output folder {job.output}: {error.strerror}; choose another") from None
     print(f"llm2wasm: converting in {job.image} {where}", file=sys.stderr)
-    status = subprocess.run(cmd).returncode
-    if status == 2 and created:
+    status = run_stoppable(cmd, name)
+    if status == 130:
+        print("llm2wasm: stopped; finished steps are kept: re-run the same command to resume", file=sys.stderr)
+    elif status == 2 and created:
         # bad input: the container wrote nothing, so leave nothing behind either
         shutil.rmtree(job.output, ignore_errors=True)
     return status

@@ -24,8 +24,15 @@ def image_present(monkeypatch):
     monkeypatch.setattr(run_module.docker, "image_id", lambda ref: "sha256:x")
 
 
-def test_mounts_user_and_token_by_name(monkeypatch, tmp_path, model, image_present):
+def mounts(cmd: list[str]) -> list[str]:
+    return [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--mount"]
+
+
+def test_mounts_user_and_no_token(monkeypatch, tmp_path, model, image_present):
+    """A token in the caller's environment never reaches the container: it has no network, so the
+    token has no use there, and a hostile model folder could copy it into the bundle."""
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_secret_value")
     cmd, where = docker_command(
         ConvertJob(
             image="img",
@@ -38,10 +45,14 @@ def test_mounts_user_and_token_by_name(monkeypatch, tmp_path, model, image_prese
         )
     )
     assert "hf_secret_value" not in " ".join(cmd)
-    assert "HF_TOKEN" in [cmd[i + 1] for i, a in enumerate(cmd) if a == "-e"]
+    passed = [cmd[i + 1].split("=")[0] for i, a in enumerate(cmd) if a == "-e"]
+    assert not {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"} & set(passed)
     assert cmd[cmd.index("--user") + 1] == "1000:1000" and "--gpus" in cmd and "on the GPU" in where
     # OUT mounted under its own name: the bundle's model id and library are named after it
-    assert f"{model.resolve()}:/input/model:ro" in cmd and f"{(tmp_path / 'o').resolve()}:/output/o" in cmd
+    assert mounts(cmd) == [
+        f"type=bind,source={model.resolve()},target=/input/model,readonly",
+        f"type=bind,source={(tmp_path / 'o').resolve()},target=/output/o",
+    ]
     assert cmd[cmd.index("img") + 1 :] == [
         "convert",
         "/input/model",
@@ -87,3 +98,57 @@ def test_container_paths_shown_as_host_paths(monkeypatch, capsys):
     hostpaths.show_host_paths_on_stderr()
     print("Bundle in /output/foo; log /output/foo/.llm2wasm/logs/compile.log", file=hostpaths.sys.stderr)
     assert capsys.readouterr().err == "Bundle in /home/u/dist/foo; log /home/u/dist/foo/.llm2wasm/logs/compile.log\n"
+
+
+def test_the_container_runs_with_the_least_it_needs(tmp_path, model, image_present):
+    cmd, _ = docker_command(
+        ConvertJob(image="img", model_dir=model, output=tmp_path / "o", quantization="q", gpu=False)
+    )
+    head = cmd[: cmd.index("img")]
+    assert head[head.index("--network") + 1] == "none"
+    assert head[head.index("--cap-drop") + 1] == "ALL"
+    assert head[head.index("--security-opt") + 1] == "no-new-privileges"
+    assert int(head[head.index("--pids-limit") + 1]) > 0
+    assert "--init" in head and "-v" not in head and "--privileged" not in head
+
+
+def test_a_path_with_colon_or_comma_is_mounted_as_itself(tmp_path, image_present):
+    """`-v a:b:c` would read a path with ':' as a volume spec (Docker: "invalid volume
+    specification", exit 125); --mount takes CSV fields, quoted where the path has a comma."""
+    model = tmp_path / "my:model,v2"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cmd, _ = docker_command(
+        ConvertJob(image="img", model_dir=model, output=tmp_path / "o", quantization="q", gpu=False)
+    )
+    import csv
+
+    fields = next(csv.reader([mounts(cmd)[0]]))
+    assert fields == ["type=bind", f"source={model}", "target=/input/model", "readonly"]
+
+
+@pytest.mark.parametrize(
+    "make_output,message",
+    [
+        (lambda tmp: (tmp / "file").write_text("x") and tmp / "file", "is a file: pass a folder"),
+        (lambda tmp: (tmp / "dangling").symlink_to(tmp / "nowhere") or tmp / "dangling", "which does not exist"),
+        (lambda tmp: (tmp / "f").write_text("x") and tmp / "f" / "out", "is a file, not a folder"),
+    ],
+)
+def test_bad_output_folders_are_usage_errors(tmp_path, model, image_present, make_output, message):
+    output = make_output(tmp_path)
+    with pytest.raises(UsageError, match=message):
+        docker_command(ConvertJob(image="img", model_dir=model, output=output, quantization="q", gpu=False))
+
+
+def test_a_stopped_engine_is_not_a_missing_image(monkeypatch):
+    from subprocess import CompletedProcess
+
+    down = "Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?"
+    monkeypatch.setattr(run_module.docker, "run", lambda args, **kw: CompletedProcess(args, 1, "", down))
+    with pytest.raises(UsageError, match="the Docker engine is not reachable"):
+        run_module.docker.image_id("llm2wasm:app-stable")
+    monkeypatch.setattr(
+        run_module.docker, "run", lambda args, **kw: CompletedProcess(args, 1, "", "Error: No such image: x")
+    )
+    assert run_module.docker.image_id("x") is None

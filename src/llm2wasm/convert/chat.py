@@ -85,9 +85,15 @@ def has_chat_template(folder: Path) -> bool:
     if (folder / "chat_template.jinja").is_file():
         return True
     try:
-        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
-    except (FileNotFoundError, json.JSONDecodeError):
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except FileNotFoundError:
         return False
+    except (ValueError, RecursionError):  # JSON errors are ValueErrors, nesting past the parser's depth not
+        raise UsageError(
+            f"{folder / 'tokenizer_config.json'} is not valid JSON: the tokenizer files are damaged; "
+            "download them again"
+        ) from None
+    return isinstance(config, dict) and bool(config.get("chat_template"))
 
 
 def render_model_template(folder: Path) -> list[str | None]:

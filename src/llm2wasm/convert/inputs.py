@@ -3,6 +3,7 @@ naming what is wrong and how to fix it (exit status 2, nothing written)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -13,17 +14,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import UsageError
+from .inputfiles import InputFiles, select_adapter_files, select_model_files
 from .mlc import WEBGPU_QUANTIZATIONS, MlcNames
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-)
 # model_type -> conversation template, for when --conv-template is not given
 TEMPLATE_GUESSES = {
     "qwen2": "qwen2",
@@ -67,6 +60,12 @@ class ConvertRequest:
     # the model's default system message, where it differs from the chosen template's
     system_message: str | None = None
     warnings: list[str] = field(default_factory=list)
+    # the files of the model and adapter folders a conversion reads (llm2wasm.convert.inputfiles)
+    model_files: InputFiles | None = None
+    adapter_files: InputFiles | None = None
+    # folders of symlinks to exactly those files, made for the run (what every reader is given)
+    model_view: Path | None = None
+    adapter_view: Path | None = None
 
     @property
     def needs_shader_f16(self) -> bool:
@@ -93,12 +92,17 @@ CHAT_OPTION_OVERRIDES = ("context_window_size", "sliding_window_size", "attentio
 
 
 def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from a file of the input (already checked to be a regular file of sane size)."""
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
         raise UsageError(f"{path} not found: {what}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path} is not valid JSON ({exc}): {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise UsageError(f"{path} is not valid JSON ({reason}): {what}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} holds a JSON {type(value).__name__}, not an object: {what}")
+    return value
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -106,18 +110,31 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files or sorted(model_dir.glob("pytorch_model*.bin"))
 
 
+def safetensors_header(path: Path) -> dict:
+    """A safetensors file's header (tensor names, dtypes, shapes, offsets), without its weights."""
+    damaged = f"{path} is not a complete safetensors file"
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise UsageError(f"{damaged} (shorter than its 8-byte header length): download it again")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > 100 * 1024 * 1024 or length > path.stat().st_size - 8:
+            raise UsageError(f"{damaged} (its header claims {length:,} bytes): download it again")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            header = None
+    if not isinstance(header, dict):
+        raise UsageError(f"{damaged} (its header is not a JSON object): download it again")
+    return header
+
+
 def safetensors_names(files: list[Path]) -> set[str]:
     """Tensor names from safetensors headers, without loading any weights."""
     names: set[str] = set()
     for path in files:
-        if path.suffix != ".safetensors":
-            continue
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > 100 * 1024 * 1024:
-                raise UsageError(f"{path} has an implausible safetensors header; is the file complete?")
-            header = json.loads(handle.read(length))
-        names.update(key for key in header if key != "__metadata__")
+        if path.suffix == ".safetensors":
+            names.update(key for key in safetensors_header(path) if key != "__metadata__")
     return names
 
 
@@ -128,14 +145,13 @@ def check_model_dir(model_dir: Path) -> dict:
             "checkpoint (config.json, *.safetensors, tokenizer files)"
         )
     config = _read_json(model_dir / "config.json", "a Hugging Face model folder has config.json beside its weights")
-    if not weight_files(model_dir):
+    weights = weight_files(model_dir)
+    if not weights:
         raise UsageError(
             f"no weights in {model_dir}: expected *.safetensors or pytorch_model*.bin "
             "(download the full checkpoint, e.g. `huggingface-cli download REPO --local-dir DIR`)"
         )
-    unreadable = [
-        path.name for path in [model_dir / "config.json", *weight_files(model_dir)] if not os.access(path, os.R_OK)
-    ]
+    unreadable = [path.name for path in [model_dir / "config.json", *weights] if not os.access(path, os.R_OK)]
     if unreadable:
         raise UsageError(
             f"cannot read {', '.join(unreadable)} in {model_dir}: the conversion runs as your user "
@@ -151,6 +167,7 @@ def check_model_dir(model_dir: Path) -> dict:
             f"no tokenizer in {model_dir}: expected tokenizer.json, tokenizer.model, or vocab.json + "
             "merges.txt (save it with `tokenizer.save_pretrained(DIR)`)"
         )
+    safetensors_names(weights)  # every header whole, before any step reads the weights
     return config
 
 
@@ -264,6 +281,14 @@ def check_adapter(adapter: Path, model_dir: Path, config: dict, warnings: list[s
 def check_output(output: Path, force: bool, is_previous_bundle: bool) -> None:
     if output.exists() and not output.is_dir():
         raise UsageError(f"output {output} is a file: pass a folder for the bundle")
+    # As this process sees it: a read-only mount, or a folder root may write only by a capability
+    # the container does not have, must fail here and not in a step after the checks.
+    nearest = next(path for path in (output, *output.parents) if path.exists())
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"cannot write to {nearest} (uid {os.getuid()}, read-only or not yours): "
+            "choose an output folder this user can write to, or change its permissions"
+        )
     if output.is_dir() and any(output.iterdir()) and not is_previous_bundle and not force:
         raise UsageError(
             f"output folder {output} is not empty and is not an llm2wasm bundle: choose a new folder "
@@ -293,8 +318,12 @@ def build_request(args, names: MlcNames, previous_bundle) -> ConvertRequest:
     check_positive("--prefill-chunk-size", args.prefill_chunk_size)
     check_positive("--context-window", args.context_window)
     base_url = check_base_url(args.base_url or "http://localhost:8000/")
+    if not model_dir.is_dir():
+        check_model_dir(model_dir)  # says what a model folder is
+    model_files = select_model_files(model_dir)
     config = check_model_dir(model_dir)
     adapter = Path(args.adapter).resolve() if args.adapter else None
+    adapter_files = select_adapter_files(adapter) if adapter is not None and adapter.is_dir() else None
     check_not_prequantized(config, model_dir, merging=adapter is not None)
     check_quantization(args.quantization, names)
     warnings: list[str] = []
@@ -331,6 +360,8 @@ def build_request(args, names: MlcNames, previous_bundle) -> ConvertRequest:
         device=getattr(args, "device", "auto"),
         strict_template=getattr(args, "strict_template", False),
         warnings=warnings,
+        model_files=model_files,
+        adapter_files=adapter_files,
     )
 
 
@@ -338,12 +369,16 @@ def warn(message: str) -> None:
     print(f"llm2wasm: warning: {message}", file=sys.stderr)
 
 
-def fingerprint(path: Path) -> list[tuple[str, int, int]]:
-    """What a step's cached output depends on in a folder: names, sizes, modification times."""
+def fingerprint(files: InputFiles, say=None) -> list[tuple[str, int, str]]:
+    """What a step's cached output depends on in an input folder: each file's name, size and the
+    SHA-256 of its content. Not modification times: a copy that keeps them (`rsync -a`, `tar`) of
+    other weights of the same size is other content. Hashing reads every byte once (about 1 GB/s)."""
+    total = sum(path.stat().st_size for path in files.files.values())
+    if say is not None and total > 2**30:
+        say(f"  hashing {total / 2**30:.1f} GiB of {files.folder} (the step cache is keyed on content) …")
     entries = []
-    for root, _, files in os.walk(path):
-        for name in sorted(files):
-            full = Path(root) / name
-            stat = full.stat()
-            entries.append((str(full.relative_to(path)), stat.st_size, int(stat.st_mtime)))
-    return sorted(entries)
+    for name, path in sorted(files.files.items()):
+        with open(path, "rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        entries.append((name, path.stat().st_size, digest))
+    return entries

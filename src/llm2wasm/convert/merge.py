@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .inputs import TOKENIZER_FILES
+from .inputfiles import TOKENIZER_NAMES
 
 
 def merge_dtype(config: dict):
@@ -33,7 +33,7 @@ def merge_adapter(model_dir: Path, adapter_dir: Path, out: Path, log: Path, devi
             merged.to("cpu").save_pretrained(str(out), safe_serialization=True)
     # Tokenizer files: the base's, then any the adapter brings (a fine-tune may add tokens).
     for source in (model_dir, adapter_dir):
-        for name in TOKENIZER_FILES:
+        for name in TOKENIZER_NAMES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, out / name)
     for name in ("generation_config.json",):

@@ -38,6 +38,7 @@ from .device import choose_device, is_out_of_memory
 from .hfconfig import HfView, ModelConfigAdapter, longrope_beyond_original_context, parity_mismatches
 from .inputs import ConvertRequest, build_request, fingerprint, guess_template, warn
 from .mlc import installed_names, mlc_command, parse_memory, python_executable
+from .outputlock import OWNER_FILE, output_lock
 from .toolchain import Toolchain, changes, installed_toolchain
 
 STATE_DIR = ".llm2wasm"
@@ -207,7 +208,7 @@ class Converter:
         log = self.ws.logs / "merge.log"
         device = self.device()
         try:
-            merge_adapter(self.request.model_dir, self.request.adapter, tmp / "model", log, device)
+            merge_adapter(self.request.model_view, self.request.adapter_view, tmp / "model", log, device)
         except Exception as error:
             with open(log, "a") as handle:
                 traceback.print_exc(file=handle)
@@ -390,12 +391,13 @@ class Converter:
 
     def _run_steps(self) -> None:
         r = self.request
+        model_fingerprint = fingerprint(r.model_files, say)
         if r.adapter is not None:
-            merge_key = key_of(fingerprint(r.model_dir), fingerprint(r.adapter), self.toolchain.of("merge"))
+            merge_key = key_of(model_fingerprint, fingerprint(r.adapter_files, say), self.toolchain.of("merge"))
             self.step("merge", merge_key, self.merge)
             source_key = key_of(merge_key, self.prepare_source(self.ws.root / "merge" / "model"))
         else:
-            source_key = key_of(fingerprint(r.model_dir), self.prepare_source(r.model_dir))
+            source_key = key_of(model_fingerprint, self.prepare_source(r.model_view))
         keys = step_keys(r, source_key, self.toolchain)
         self.step("gen_config", keys["gen_config"], self.gen_config)
         self.warn_about_context()
@@ -461,7 +463,7 @@ def summary(output: Path) -> str:
 def choose_conv_template(request: ConvertRequest, names) -> None:
     """Set request.conv_template (and the carried-over system message) by the model's own chat
     template, where it has one (llm2wasm.convert.chat); say which and why."""
-    folder = tokenizer_dir(request.model_dir, request.adapter)
+    folder = tokenizer_dir(request.model_view, request.adapter_view)
     if not has_chat_template(folder):
         return  # the guess from build_request stands, and its note says so
     config = json.loads((request.model_dir / "config.json").read_text())
@@ -479,6 +481,21 @@ def choose_conv_template(request: ConvertRequest, names) -> None:
 def run_convert(args) -> int:
     names = installed_names()
     request = build_request(args, names, is_previous_bundle)
+    # A pickle checkpoint that passed llm2wasm.convert.inputfiles.check_pickle is still loaded with
+    # weights_only forced on, whatever mlc_llm, transformers or peft pass to torch.load.
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    with tempfile.TemporaryDirectory(prefix="llm2wasm-inputs-") as views:
+        request.model_view = request.model_files.view(Path(views) / "model")
+        if request.adapter_files is not None:
+            request.adapter_view = request.adapter_files.view(Path(views) / "adapter")
+        return convert_request(request, names)
+
+
+def convert_request(request: ConvertRequest, names) -> int:
+    for files in (request.model_files, request.adapter_files):
+        note = files.note() if files is not None else None
+        if note:
+            say(f"  {note}")
     choose_conv_template(request, names)
     for message in request.warnings:
         warn(message)
@@ -498,13 +515,19 @@ def run_convert(args) -> int:
     )
     # What cannot be handed to mlc_llm faithfully is refused before anything is written or removed.
     model_config = ModelConfigAdapter()
-    model_config.check(request.model_dir)
+    model_config.check(request.model_view)
     converter = Converter(request, model_config)
     converter.device()  # `--device cuda` without a GPU is bad input too
+    with output_lock(request.output):
+        return convert_locked(request, converter, identity)
+
+
+def convert_locked(request: ConvertRequest, converter: Converter, identity: dict) -> int:
     if request.force and request.output.exists():
         # Replace what is there; of an earlier bundle keep only the finished steps (.llm2wasm/):
         # their keys decide what is redone.
         keep = {STATE_DIR} if is_previous_bundle(request.output) else set()
+        keep.add(OWNER_FILE.parts[0])
         for entry in request.output.iterdir():
             if entry.name in keep:
                 continue
