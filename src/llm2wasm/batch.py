@@ -8,10 +8,11 @@ numbered from 0 in spec order. One item is the unit every engine runs, with one 
     llm2wasm batch run models.toml --item N -o OUT      (N defaults to $JOB_COMPLETION_INDEX)
 
 It converts item N into ``OUT/<model_id>/`` (a re-run of a finished item resumes in seconds, as
-``llm2wasm convert`` does) and records the outcome in ``OUT/.batch/item-N.json``; a failed item
-keeps its logs in its bundle folder and touches no other. ``llm2wasm batch collect`` then writes
-one WebLLM ``AppConfig`` of every bundle that succeeded and a JSON report. The same items feed a
-GitHub Actions matrix (``batch matrix``) and a Kubernetes Indexed Job (``batch k8s``).
+``llm2wasm convert`` does); ``OUT/.batch/item-N.json`` says ``running`` before it starts and its
+outcome when it ends (llm2wasm.batch_status). A failed item keeps its logs in its bundle folder and
+touches no other. ``llm2wasm batch collect`` then writes one WebLLM ``AppConfig`` of every bundle
+that is complete and a JSON report. The same items feed a GitHub Actions matrix (``batch matrix``)
+and a Kubernetes Indexed Job (``batch k8s``, llm2wasm.batch_k8s).
 
 Runs in the image (standard library only).
 """
@@ -24,13 +25,34 @@ import json
 import os
 import re
 import sys
-import time
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
+# outcomes and the Kubernetes manifests live beside this module, named here for the callers of
+# llm2wasm.batch (tasks.py, the tests)
+from .batch_k8s import kubernetes_manifests, to_yaml
+from .batch_status import STATUS_DIR, Outcome, collect, outcomes, run_item, status_path, table
 from .convert.inputs import LINK_OPT_LEVELS
 from .errors import UsageError
+
+__all__ = [
+    "STATUS_DIR",
+    "BatchSpec",
+    "Item",
+    "Outcome",
+    "collect",
+    "item_index",
+    "kubernetes_manifests",
+    "load_spec",
+    "matrix",
+    "outcomes",
+    "parse_spec",
+    "run_item",
+    "status_path",
+    "table",
+    "to_yaml",
+]
 
 MODEL_KEYS = {
     "path",
@@ -50,7 +72,6 @@ RESOURCE_KEYS = {"cpu", "memory", "gpu"}
 QUANTIZATION = re.compile(r"q\d+f\d+(_\w+)?")
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 DEFAULT_BASE_URL = "http://localhost:8000/"
-STATUS_DIR = ".batch"
 INDEX_VARIABLE = "JOB_COMPLETION_INDEX"
 
 
@@ -250,20 +271,7 @@ def load_spec(path: Path, root: Path | None = None, *, check_paths: bool = True)
     return parse_spec(path.read_text(), path, root, check_paths=check_paths)
 
 
-# --- outcomes ---------------------------------------------------------------------------------------
-
-
-def status_path(output: Path, index: int) -> Path:
-    return output / STATUS_DIR / f"item-{index}.json"
-
-
-def write_status(output: Path, item: Item, status: str, seconds: float, exit_code: int) -> None:
-    path = status_path(output, item.index)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {**asdict(item), "status": status, "seconds": round(seconds, 1), "exit_code": exit_code}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+# --- the item command ------------------------------------------------------------------------------
 
 
 def item_index(given: int | None) -> int:
@@ -277,104 +285,6 @@ def item_index(given: int | None) -> int:
     return int(value)
 
 
-def run_item(spec: BatchSpec, index: int, output: Path) -> int:
-    """Convert one item with `llm2wasm convert`; its outcome goes to OUT/.batch/item-N.json."""
-    from .cli import main as llm2wasm
-
-    item = spec.item(index)
-    print(f"llm2wasm batch: item {index} of {len(spec.items)}: {item.model_id}", file=sys.stderr, flush=True)
-    started = time.monotonic()
-    code = llm2wasm(["convert", *item.convert_argv(spec.root, output, spec.base_url)])
-    write_status(output, item, "ok" if code == 0 else "failed", time.monotonic() - started, code)
-    return code
-
-
-@dataclass
-class Outcome:
-    item: Item
-    status: str  # ok | failed | not run
-    seconds: float | None = None
-    record: dict | None = None  # the bundle's ModelRecord
-    library_bytes: int | None = None
-
-
-def outcomes(spec: BatchSpec, output: Path) -> list[Outcome]:
-    found = []
-    for item in spec.items:
-        path = status_path(output, item.index)
-        if not path.is_file():
-            found.append(Outcome(item, "not run"))
-            continue
-        status = json.loads(path.read_text())
-        outcome = Outcome(item, status["status"], status.get("seconds"))
-        bundle = output / item.model_id
-        config = bundle / "app-config.json"
-        if outcome.status == "ok" and config.is_file():
-            outcome.record = json.loads(config.read_text())["model_list"][0]
-            library = bundle / "lib" / f"{item.model_id}.wasm"
-            outcome.library_bytes = library.stat().st_size if library.is_file() else None
-        elif outcome.status == "ok":
-            outcome.status = "failed"  # reported done, but the bundle is not there
-        found.append(outcome)
-    return found
-
-
-def collect(spec: BatchSpec, output: Path) -> tuple[list[Outcome], dict]:
-    """One WebLLM AppConfig of every bundle that succeeded (OUT/app-config.json) and OUT/batch-report.json."""
-    results = outcomes(spec, output)
-    records = [outcome.record for outcome in results if outcome.record is not None]
-    ids = [record["model_id"] for record in records]
-    duplicates = sorted({name for name in ids if ids.count(name) > 1})
-    if duplicates:  # parse_spec makes them unique; a bundle edited by hand might not be
-        raise UsageError(f"model_id {', '.join(duplicates)} appears in more than one bundle under {output}")
-    app_config = {"model_list": records}
-    output.mkdir(parents=True, exist_ok=True)
-    for name, content in (
-        ("app-config.json", app_config),
-        (
-            "batch-report.json",
-            {
-                "spec": str(spec.path),
-                "base_url": spec.base_url,
-                "items": [
-                    {
-                        "item": outcome.item.index,
-                        "model_id": outcome.item.model_id,
-                        "model": outcome.item.path,
-                        "adapter": outcome.item.adapter,
-                        "quantization": outcome.item.quantization,
-                        "status": outcome.status,
-                        "seconds": outcome.seconds,
-                        "library_bytes": outcome.library_bytes,
-                        "vram_required_MB": (outcome.record or {}).get("vram_required_MB"),
-                    }
-                    for outcome in results
-                ],
-            },
-        ),
-    ):
-        tmp = output / f"{name}.tmp"
-        tmp.write_text(json.dumps(content, indent=2) + "\n")
-        tmp.replace(output / name)
-    return results, app_config
-
-
-def table(results: list[Outcome]) -> str:
-    lines = [
-        "| item | model_id | quantization | status | time | library | vram_required_MB |",
-        "| ---: | --- | --- | --- | ---: | ---: | ---: |",
-    ]
-    for outcome in results:
-        seconds = f"{outcome.seconds:.0f} s" if outcome.seconds is not None else ""
-        library = f"{outcome.library_bytes / 1e6:.1f} MB" if outcome.library_bytes is not None else ""
-        vram = (outcome.record or {}).get("vram_required_MB", "")
-        lines.append(
-            f"| {outcome.item.index} | {outcome.item.model_id} | {outcome.item.quantization} | {outcome.status} "
-            f"| {seconds} | {library} | {vram} |"
-        )
-    return "\n".join(lines)
-
-
 # --- engines ----------------------------------------------------------------------------------------
 
 
@@ -385,142 +295,6 @@ def matrix(spec: BatchSpec) -> dict:
             {"item": item.index, "model_id": item.model_id, "quantization": item.quantization} for item in spec.items
         ]
     }
-
-
-def kubernetes_manifests(
-    spec: BatchSpec,
-    spec_text: str,
-    *,
-    image: str,
-    claim: str,
-    name: str = "llm2wasm-batch",
-    parallelism: int = 2,
-    backoff_per_index: int = 1,
-) -> list[dict]:
-    """A ConfigMap holding the spec and an Indexed Job whose pod N runs item N.
-
-    The models, adapters and outputs live on the PersistentVolumeClaim ``claim``, mounted at /data:
-    the spec's paths are relative to /data, bundles go to /data/out/<model_id>/."""
-    if parallelism < 1:
-        raise UsageError(f"--parallelism {parallelism}: run at least one item at a time")
-    # resources: the largest any item asks for (one pod template serves every index)
-    requests: dict[str, str] = {}
-    for item in spec.items:
-        for key, value in item.resources.items():
-            requests[key] = max(requests.get(key, value), value, key=_quantity)
-    limits = {}
-    if "gpu" in requests:
-        limits["nvidia.com/gpu"] = requests.pop("gpu")
-    resources: dict = {}
-    if requests:
-        resources["requests"] = dict(requests)
-    if limits:
-        resources["limits"] = limits
-    container = {
-        "name": "convert",
-        "image": image,
-        "args": [
-            "batch",
-            "run",
-            f"/etc/llm2wasm/{spec.path.name}",
-            "--root",
-            "/data",
-            "--output",
-            "/data/out",
-        ],
-        "volumeMounts": [
-            {"name": "spec", "mountPath": "/etc/llm2wasm", "readOnly": True},
-            {"name": "data", "mountPath": "/data"},
-        ],
-    }
-    if resources:
-        container["resources"] = resources
-    labels = {"app.kubernetes.io/name": "llm2wasm", "app.kubernetes.io/instance": name}
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": f"{name}-spec", "labels": labels},
-            "data": {spec.path.name: spec_text},
-        },
-        {
-            "apiVersion": "batch/v1",
-            "kind": "Job",
-            "metadata": {"name": name, "labels": labels},
-            "spec": {
-                "completionMode": "Indexed",
-                "completions": len(spec.items),
-                "parallelism": min(parallelism, len(spec.items)),
-                # a failed item is retried on its own and does not fail the others
-                "backoffLimitPerIndex": backoff_per_index,
-                "template": {
-                    "metadata": {"labels": labels},
-                    "spec": {
-                        "restartPolicy": "Never",
-                        # the image's conversion user owns what it writes on the volume
-                        "securityContext": {"runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001},
-                        "containers": [container],
-                        "volumes": [
-                            {"name": "spec", "configMap": {"name": f"{name}-spec"}},
-                            {"name": "data", "persistentVolumeClaim": {"claimName": claim}},
-                        ],
-                    },
-                },
-            },
-        },
-    ]
-
-
-_UNITS = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "m": 1e-3}
-
-
-def _quantity(value: str) -> float:
-    """A Kubernetes quantity as a number, to pick the largest ("500m" < "2", "16Gi" > "8G")."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([a-zA-Z]*)", str(value))
-    if not match or match.group(2) not in _UNITS:
-        raise UsageError(f'resource quantity {value!r} is not like "4", "500m" or "16Gi"')
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def to_yaml(documents: list[dict]) -> str:
-    """YAML for the manifests (strings JSON-quoted, which YAML reads as they are)."""
-
-    def emit(value, indent: int) -> list[str]:
-        pad = " " * indent
-        lines: list[str] = []
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if isinstance(item, dict | list) and item:
-                    lines.append(f"{pad}{key}:")
-                    lines += emit(item, indent + 2)
-                elif isinstance(item, str) and "\n" in item:
-                    # a literal block, its indentation stated (a first line that starts with spaces is kept)
-                    lines.append(f"{pad}{key}: |2")
-                    lines += [f"{pad}  {line}" if line else "" for line in item.splitlines()]
-                else:
-                    lines.append(f"{pad}{key}: {scalar(item)}")
-        else:
-            for item in value:
-                nested = emit(item, indent + 2) if isinstance(item, dict | list) and item else None
-                if nested:
-                    lines.append(f"{pad}- {nested[0].lstrip()}")
-                    lines += nested[1:]
-                else:
-                    lines.append(f"{pad}- {scalar(item)}")
-        return lines
-
-    def scalar(value) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, int | float):
-            return str(value)
-        if isinstance(value, dict):
-            return "{}"
-        if isinstance(value, list):
-            return "[]"
-        return json.dumps(value)
-
-    return "".join("---\n" + "\n".join(emit(document, 0)) + "\n" for document in documents)
 
 
 # --- command line -----------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 Each item is one `docker run IMAGE batch run SPEC --item N -o /output` (the same command a GitHub
 Actions job or a Kubernetes pod runs), the spec's folder mounted read-only at /batch and OUT at
 /output, as the calling user, without network. Its output goes to OUT/.batch/item-N.log; a line
-says when each item starts and ends. Afterwards the outcomes are collected into OUT/app-config.json
-and OUT/batch-report.json (llm2wasm.batch), with a table.
+says when each item starts and ends. The item is marked running before its container starts, and
+failed if the container ends without recording how the item ended (killed: exit 137), so that an
+earlier run's "ok" never stands for this one. Afterwards the outcomes are collected into
+OUT/app-config.json and OUT/batch-report.json (llm2wasm.batch_status), with a table.
 """
 
 from __future__ import annotations
@@ -19,7 +21,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import docker
-from .batch import STATUS_DIR, BatchSpec, Item, Outcome, collect, load_spec, status_path, write_status
+from .batch import BatchSpec, Item, load_spec
+from .batch_status import (
+    FINISHED,
+    RUN_ID_VARIABLE,
+    STATUS_DIR,
+    Outcome,
+    collect,
+    mark_finished,
+    mark_running,
+    new_run_id,
+    read_status,
+)
 from .errors import UsageError
 from .run import conversion_container, docker_has_gpu_runtime
 
@@ -40,16 +53,31 @@ def default_jobs() -> int:
     return max(1, min(cores, int(memory_gib // MEMORY_PER_JOB_GIB)))
 
 
-def item_command(spec: BatchSpec, item: Item, image: str, output: Path, gpu: bool) -> list[str]:
+def item_command(
+    spec: BatchSpec, item: Item, image: str, output: Path, gpu: bool, run_id: str | None = None
+) -> list[str]:
     cmd = conversion_container(
         [(spec.root, CONTAINER_SPEC_DIR, True), (output, CONTAINER_OUTPUT, False)],
         {CONTAINER_SPEC_DIR: str(spec.root), CONTAINER_OUTPUT: str(output)},
         gpu,
     )
+    if run_id is not None:  # the item records it, so the runner can tell this run's outcome from an older one
+        cmd += ["-e", f"{RUN_ID_VARIABLE}={run_id}"]
     spec_in_container = f"{CONTAINER_SPEC_DIR}/{spec.path.resolve().relative_to(spec.root)}"
     cmd += [image, "batch", "run", spec_in_container, "--root", CONTAINER_SPEC_DIR]
     cmd += ["--item", str(item.index), "--output", CONTAINER_OUTPUT]
     return cmd
+
+
+def unfinished(record: dict | None, run_id: str, exit_code: int) -> str | None:
+    """Why the item's record after its container ended does not tell this run's outcome, or None when
+    it does: the container's own "ok" or "failed", of this run, and no "ok" from a container that
+    then failed."""
+    if not record or record.get("run_id") != run_id or record.get("status") not in FINISHED:
+        return "interrupted" if exit_code else "exited 0 without recording an outcome"
+    if record["status"] == "ok" and exit_code != 0:
+        return f"exit {exit_code} after recording ok"
+    return None
 
 
 def run_batch(
@@ -84,23 +112,27 @@ def run_batch(
         nonlocal done
         log_path = output / STATUS_DIR / f"item-{item.index}.log"
         say(f"==> [{item.index}] {item.model_id}: converting")
+        run_id = new_run_id()
+        cmd = item_command(spec, item, image, output, gpu, run_id)
+        # before the container starts: if it is killed, "running" is left, not an earlier run's "ok"
+        running = mark_running(output, spec, item, run_id)
         started = time.monotonic()
         with open(log_path, "w") as log:
-            status = subprocess.run(
-                item_command(spec, item, image, output, gpu), stdout=log, stderr=subprocess.STDOUT
-            ).returncode
+            status = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
         seconds = time.monotonic() - started
-        if not status_path(output, item.index).is_file():  # the container ended before the item could say
-            write_status(output, item, "ok" if status == 0 else "failed", seconds, status)
+        reason = unfinished(read_status(output, item.index), running["run_id"], status)
+        if reason:
+            mark_finished(output, running, "failed", status, seconds, reason)
         with lock:
             done += 1
             progress = f"{done}/{total}"
-        if status == 0:
+        if status == 0 and not reason:
             say(f"<== [{item.index}] {item.model_id}: done in {seconds:.0f}s ({progress})")
         else:
             tail = "\n".join(f"      {line}" for line in log_path.read_text().splitlines()[-8:])
+            why = f"exit {status}" + (f"; {reason}" if reason else "")
             say(
-                f"!!! [{item.index}] {item.model_id}: failed (exit {status}) in {seconds:.0f}s ({progress}); "
+                f"!!! [{item.index}] {item.model_id}: failed ({why}) in {seconds:.0f}s ({progress}); "
                 f"log: {log_path}\n{tail}"
             )
 

@@ -1,13 +1,16 @@
 """`invoke batch` with the real hermetic chain: a spec of two models (one with a LoRA adapter) in two
 quantizations and one model that cannot be converted; the items run two at a time in the app image;
-the failed item is reported and the others finish; a re-run skips what is done; the combined app
-config has WebLLM's own fields; one of its bundles generates transformers' tokens in the browser;
-and the item command runs with JOB_COMPLETION_INDEX as a Kubernetes pod runs it."""
+the failed item is reported and the others finish; a re-run skips what is done; an item whose
+container is killed is reported failed (interrupted), not by its earlier "ok", and the next run
+converts it; the combined app config has WebLLM's own fields; one of its bundles generates
+transformers' tokens in the browser; and the item command runs with JOB_COMPLETION_INDEX as a
+Kubernetes pod runs it."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +19,7 @@ import pytest
 
 from llm2wasm.convert.webllm_types import interface_fields
 from tests.browser import chromium_path, run_preview_page, start_preview
-from tests.conftest import app_image, invoke, run_app
+from tests.conftest import INVOKE, ROOT, app_image, invoke, run_app
 
 STEPS = 8
 MAKE_MODELS = f"""
@@ -137,6 +140,73 @@ def test_the_item_command_reads_the_index_a_kubernetes_pod_gets(batch_dir, first
     assert "item 1 of 4: llama-q4f32_1" in result.stderr
     status = json.loads((out / ".batch" / "item-1.json").read_text())
     assert status["status"] == "ok" and status["model_id"] == "llama-q4f32_1" and status["seconds"] < 60
+
+
+def container_of_run(run_id: str) -> str | None:
+    """The running container the batch runner started for this run id (it passes it as an env variable)."""
+    ids = subprocess.run(["docker", "ps", "-q", "--filter", f"ancestor={app_image()}"],
+                         capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    for container in ids:
+        env = subprocess.run(["docker", "inspect", "--format", "{{json .Config.Env}}", container],
+                             capture_output=True, text=True).stdout  # fmt: skip
+        if f"LLM2WASM_BATCH_RUN_ID={run_id}" in json.loads(env or "[]"):
+            return container
+    return None
+
+
+def test_a_rerun_after_a_killed_item_reports_it_failed_and_the_next_run_converts_it(batch_dir, first_run, tmp_path):
+    # item 0 finished ok before (its record and complete bundle are kept); only its steps are gone,
+    # so this run converts it for a minute, long enough to kill its container part-way
+    out, _, _ = first_run
+    again = tmp_path / "out"
+    shutil.copytree(out, again, symlinks=True)
+    shutil.rmtree(again / ITEMS[0] / ".llm2wasm")
+    assert json.loads((again / ".batch" / "item-0.json").read_text())["status"] == "ok"
+    command = [
+        *INVOKE,
+        "batch",
+        str(batch_dir / "models.toml"),
+        "-o",
+        str(again),
+        "--image",
+        app_image(),
+        "--jobs",
+        "1",
+    ]
+    runner = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        killed = None
+        while killed is None and time.monotonic() < deadline and runner.poll() is None:
+            record = json.loads((again / ".batch" / "item-0.json").read_text())
+            log = again / ".batch" / "item-0.log"
+            # running, with this run's id, and into its steps: kill it as the OOM killer would
+            if record["status"] == "running" and log.is_file() and "gen_config" in log.read_text():
+                killed = container_of_run(record["run_id"])
+                if killed:
+                    subprocess.run(["docker", "kill", "--signal", "KILL", killed], check=True, capture_output=True)
+            time.sleep(1)
+        assert killed, "item 0's container was not found running"
+        stdout, stderr = runner.communicate(timeout=1800)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert runner.returncode == 1, stdout + stderr
+    assert f"!!! [0] {ITEMS[0]}: failed (exit 137; interrupted)" in stderr
+    assert f"| 0 | {ITEMS[0]} | q0f32 | failed (interrupted) |" in stdout
+    record = json.loads((again / ".batch" / "item-0.json").read_text())
+    assert record["status"] == "failed" and record["exit_code"] == 137
+    report = json.loads((again / "batch-report.json").read_text())
+    assert [row["status"] for row in report["items"]] == ["failed", "ok", "ok", "failed"]
+    combined = json.loads((again / "app-config.json").read_text())["model_list"]
+    assert ITEMS[0] not in [record["model_id"] for record in combined]
+    # the next run converts it again, and now it is ok
+    result = invoke("batch", str(batch_dir / "models.toml"), "-o", str(again), "--image", app_image(), "--jobs", "2")
+    assert result.returncode == 1 and f"<== [0] {ITEMS[0]}: done in" in result.stderr, result.stderr
+    assert "✓ compile done in" in (again / ".batch" / "item-0.log").read_text()  # converted, not kept
+    assert f"| 0 | {ITEMS[0]} | q0f32 | ok |" in result.stdout
+    report = json.loads((again / "batch-report.json").read_text())
+    assert [row["status"] for row in report["items"]] == ["ok", "ok", "ok", "failed"]
 
 
 def test_a_bundle_of_the_batch_generates_transformers_tokens_in_the_browser(batch_dir, first_run):

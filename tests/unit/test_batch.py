@@ -1,5 +1,5 @@
 """The batch spec: validated as a whole, expanded into items; the item command; collecting the bundles;
-the GitHub matrix and the Kubernetes Indexed Job made from the same spec."""
+the GitHub matrix made from the same spec (the Kubernetes manifests: test_batch_k8s.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from llm2wasm import batch
-from llm2wasm.batch import collect, item_index, kubernetes_manifests, load_spec, matrix, parse_spec, to_yaml
+from llm2wasm.batch import collect, item_index, load_spec, matrix, parse_spec
 from llm2wasm.cli import main as llm2wasm
 from llm2wasm.errors import UsageError
+from tests.unit.test_batch_status import finished
 
 SPEC = """
 base_url = "https://models.example.com/webllm"
@@ -167,29 +167,25 @@ def test_item_number_from_the_argument_or_the_indexed_job(monkeypatch, spec_dir)
         spec.item(3)
 
 
-def fake_bundle(output: Path, item, status: str = "ok", library: bytes = b"\0asm" * 10) -> None:
-    bundle = output / item.model_id
-    (bundle / "lib").mkdir(parents=True)
-    (bundle / "lib" / f"{item.model_id}.wasm").write_bytes(library)
-    record = {"model": f"https://x/{item.model_id}/model/", "model_id": item.model_id, "vram_required_MB": 12.5}
-    (bundle / "app-config.json").write_text(json.dumps({"model_list": [record]}))
-    batch.write_status(output, item, status, 3.0, 0 if status == "ok" else 1)
+def fake_bundle(output: Path, spec, item, status: str = "ok") -> None:
+    """An item run to its end: its complete bundle (the library 8 bytes; vram_required_MB 12.5) and record."""
+    finished(output, spec, item, status, work=output.parent / "work")
 
 
 def test_collect_lists_every_bundle_that_succeeded_and_reports_the_rest(spec_dir, tmp_path):
     spec = load_spec(spec_dir / "models.toml")
     out = tmp_path / "out"
-    fake_bundle(out, spec.items[0])
-    fake_bundle(out, spec.items[1], status="failed")
+    fake_bundle(out, spec, spec.items[0])
+    fake_bundle(out, spec, spec.items[1], status="failed")
     results, app_config = collect(spec, out)
     assert [record["model_id"] for record in app_config["model_list"]] == ["qwen-support-q4f16_1"]
     assert [outcome.status for outcome in results] == ["ok", "failed", "not run"]
     assert json.loads((out / "app-config.json").read_text()) == app_config
     report = json.loads((out / "batch-report.json").read_text())
-    assert report["items"][0] | {"library_bytes": 40, "vram_required_MB": 12.5} == report["items"][0]
+    assert report["items"][0] | {"library_bytes": 8, "vram_required_MB": 12.5, "reason": None} == report["items"][0]
     assert [row["status"] for row in report["items"]] == ["ok", "failed", "not run"]
     rendered = batch.table(results)
-    assert "| 0 | qwen-support-q4f16_1 | q4f16_1 | ok | 3 s | 0.0 MB | 12.5 |" in rendered
+    assert "| 0 | qwen-support-q4f16_1 | q4f16_1 | ok | 3 s | 0.0 MB | 12.5 |" in rendered, rendered
     assert "| 2 | llama-q4f16_1 | q4f16_1 | not run |" in rendered
 
 
@@ -197,7 +193,7 @@ def test_collect_command_exits_1_when_an_item_did_not_succeed(spec_dir, tmp_path
     spec = load_spec(spec_dir / "models.toml")
     out = tmp_path / "out"
     for item in spec.items:
-        fake_bundle(out, item)
+        fake_bundle(out, spec, item)
     assert llm2wasm(["batch", "collect", str(spec_dir / "models.toml"), "-o", str(out)]) == 0
     shutil.rmtree(out / spec.items[2].model_id)  # reported done, but its bundle is gone
     assert llm2wasm(["batch", "collect", str(spec_dir / "models.toml"), "-o", str(out)]) == 1
@@ -218,80 +214,3 @@ def test_matrix_for_github_actions(spec_dir, capsys):
     assert data == matrix(load_spec(spec_dir / "models.toml"))
     assert [entry["item"] for entry in data["include"]] == [0, 1, 2]
     assert data["include"][2] == {"item": 2, "model_id": "llama-q4f16_1", "quantization": "q4f16_1"}
-
-
-def manifests(spec_dir) -> list[dict]:
-    spec = load_spec(spec_dir / "models.toml")
-    return kubernetes_manifests(
-        spec,
-        (spec_dir / "models.toml").read_text(),
-        image="ghcr.io/example/llm2wasm:app",
-        claim="models",
-        parallelism=2,
-    )
-
-
-def test_kubernetes_indexed_job_field_by_field(spec_dir):
-    config_map, job = yaml.safe_load_all(to_yaml(manifests(spec_dir)))
-    assert config_map["kind"] == "ConfigMap" and config_map["data"]["models.toml"] == SPEC
-    assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
-    spec = job["spec"]
-    assert spec["completionMode"] == "Indexed" and spec["completions"] == 3 and spec["parallelism"] == 2
-    assert spec["backoffLimitPerIndex"] == 1
-    pod = spec["template"]["spec"]
-    assert pod["restartPolicy"] == "Never" and pod["securityContext"]["runAsUser"] == 10001
-    (container,) = pod["containers"]
-    assert container["image"] == "ghcr.io/example/llm2wasm:app"
-    # the item command; pod N gets JOB_COMPLETION_INDEX=N from Kubernetes
-    assert container["args"] == [
-        "batch",
-        "run",
-        "/etc/llm2wasm/models.toml",
-        "--root",
-        "/data",
-        "--output",
-        "/data/out",
-    ]
-    # the largest request of any item; a GPU as the device plugin's resource
-    assert container["resources"] == {"requests": {"cpu": "4", "memory": "24Gi"}, "limits": {"nvidia.com/gpu": "1"}}
-    volumes = {volume["name"]: volume for volume in pod["volumes"]}
-    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "models"
-    assert volumes["spec"]["configMap"]["name"] == config_map["metadata"]["name"]
-    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
-    assert mounts == {"spec": "/etc/llm2wasm", "data": "/data"}
-
-
-def unknown_fields(value, type_name: str, where: str = "") -> list[str]:
-    """Keys of a manifest that the Kubernetes API does not define, read from the official client's
-    models (generated from the API's OpenAPI schema)."""
-    import kubernetes.client as models
-
-    if type_name.startswith(("List[", "list[")):
-        inner = type_name[5:-1]
-        return [problem for n, item in enumerate(value) for problem in unknown_fields(item, inner, f"{where}[{n}]")]
-    if type_name.startswith(("Dict[", "dict(")) or type_name in {"str", "int", "bool", "object", "float"}:
-        return []
-    model = getattr(models, type_name)
-    by_json_key = {json_key: attr for attr, json_key in model.attribute_map.items()}
-    problems = []
-    for key, item in value.items():
-        if key not in by_json_key:
-            problems.append(f"{where}.{key}")
-        else:
-            problems += unknown_fields(item, model.openapi_types[by_json_key[key]], f"{where}.{key}")
-    return problems
-
-
-def test_every_field_is_one_the_kubernetes_api_defines(spec_dir):
-    config_map, job = yaml.safe_load_all(to_yaml(manifests(spec_dir)))
-    assert unknown_fields(config_map, "V1ConfigMap") == []
-    assert unknown_fields(job, "V1Job") == []
-    job["spec"]["template"]["spec"]["containers"][0]["argz"] = []  # the check can fail
-    assert unknown_fields(job, "V1Job") == [".spec.template.spec.containers[0].argz"]
-
-
-def test_quantities_compare_by_value():
-    assert batch._quantity("500m") < batch._quantity("2") < batch._quantity("3")
-    assert batch._quantity("16Gi") > batch._quantity("16G")
-    with pytest.raises(UsageError, match="not like"):
-        batch._quantity("lots")

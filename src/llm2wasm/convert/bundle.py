@@ -1,27 +1,78 @@
-"""Assemble the WebLLM bundle from the finished steps: weights folder, wasm, app config, README."""
+"""Assemble the WebLLM bundle from the finished steps: weights folder, wasm, app config, README.
+
+A bundle is replaced by renames only, so that whatever moment the process is killed at, what is
+in OUT is either the previous bundle or the new one, never a config naming files that are gone:
+the new weights folder is staged beside the old one and swapped in, the library and README are
+written under temporary names and renamed, and app-config.json, the mark of a complete bundle, is
+removed before anything live changes and written last (`incomplete` checks a bundle for it).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
+from ..errors import UsageError
 from .inputs import ConvertRequest
 
 # WebLLM appends this to a model URL that has no /resolve/<rev>/ (web-llm cleanModelUrl).
 RESOLVE = Path("resolve") / "main"
+WEIGHTS = Path("model") / RESOLVE  # the bundle's weights folder, relative to OUT
+APP_CONFIG = "app-config.json"
 LOW_RESOURCE_MB = 2048
+WASM_MAGIC = b"\0asm"
+
+
+def library_path(out: Path, model_id: str) -> Path:
+    return out / "lib" / f"{model_id}.wasm"
 
 
 def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link (or, across file systems, copy) one regular file. A symlink or anything else is
+    refused: following one would put whatever it points at into a bundle that gets published."""
+    mode = os.lstat(source).st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise UsageError(
+            f"{source} is {kind}: a bundle takes only regular files. Remove {source.parent} and convert again"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        target.unlink()
+    # unlink, not exists()+unlink: a dangling symlink at target would otherwise be written through
+    target.unlink(missing_ok=True)
     try:
-        os.link(source, target)  # no second copy of the weights on disk
+        os.link(source, target, follow_symlinks=False)  # no second copy of the weights on disk
     except OSError:
-        shutil.copyfile(source, target)
+        shutil.copyfile(source, target, follow_symlinks=False)
+
+
+def _remove(path: Path) -> None:
+    """A leftover of an interrupted assembly: a folder tree, a file, or a symlink (not its target)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def _write_new(path: Path, text: str) -> Path:
+    """A new file at path: whatever is there (a leftover, or a symlink) is unlinked, never written through."""
+    path.unlink(missing_ok=True)
+    with open(path, "x") as handle:
+        handle.write(text)
+    return path
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Put the folder `new` at `target` by renames (a folder cannot be renamed onto a non-empty
+    one): the old one aside, the new one in, then the old one removed."""
+    old = target.with_name(target.name + ".old")
+    _remove(old)
+    if target.is_symlink() or target.exists():
+        target.rename(old)
+    new.rename(target)
+    _remove(old)
 
 
 def vram_required_mb(memory: dict, context_window: int) -> float | None:
@@ -52,23 +103,69 @@ def model_record(request: ConvertRequest, chat_config: dict, memory: dict) -> di
 
 def write_bundle(request: ConvertRequest, work: Path, memory: dict) -> None:
     out = request.output
-    model_dir = out / "model" / RESOLVE
     staging = out / "model.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
+    _remove(staging)  # an interrupted assembly's
+    # Everything new is staged first: a refused file stops here, with the previous bundle untouched.
     for folder in (work / "gen_config" / "config", work / "convert_weight" / "weights"):
         for entry in sorted(folder.iterdir()):
             link_or_copy(entry, staging / RESOLVE / entry.name)
     chat_config = json.loads((staging / RESOLVE / "mlc-chat-config.json").read_text())
-    if (out / "model").exists():
-        shutil.rmtree(out / "model")
-    staging.replace(out / "model")
-    link_or_copy(work / "compile" / f"{request.model_id}.wasm", out / "lib" / f"{request.model_id}.wasm")
+    library = library_path(out, request.model_id)
+    library_tmp = library.with_name(library.name + ".tmp")
+    link_or_copy(work / "compile" / f"{request.model_id}.wasm", library_tmp)
     app_config = {"model_list": [model_record(request, chat_config, memory)]}
-    tmp = out / "app-config.json.tmp"
-    tmp.write_text(json.dumps(app_config, indent=2) + "\n")
-    tmp.replace(out / "app-config.json")
-    (out / "README.md").write_text(bundle_readme(request, model_dir.relative_to(out)))
+    config_tmp = _write_new(out / f"{APP_CONFIG}.tmp", json.dumps(app_config, indent=2) + "\n")
+    readme_tmp = _write_new(out / "README.md.tmp", bundle_readme(request, WEIGHTS))
+    # From here on the bundle is incomplete until the app config is back, and says so by its absence.
+    (out / APP_CONFIG).unlink(missing_ok=True)
+    _swap_in(staging, out / "model")
+    library_tmp.replace(library)
+    # rename() between two hard links of one file (a re-assembly of an unchanged library) does
+    # nothing and leaves the temporary name behind
+    library_tmp.unlink(missing_ok=True)
+    readme_tmp.replace(out / "README.md")
+    config_tmp.replace(out / APP_CONFIG)
+
+
+def incomplete(out: Path, model_id: str) -> str | None:
+    """What is missing from the bundle in `out` for model `model_id`, or None when it is complete:
+    an app config naming the model, the library (a wasm module), the weights folder's configs and
+    every shard tensor-cache.json lists, each of the size it says."""
+    try:
+        record = json.loads((out / APP_CONFIG).read_text())["model_list"][0]
+        named = record["model_id"]
+    except FileNotFoundError:
+        return f"no {APP_CONFIG} (the conversion did not finish)"
+    except (OSError, ValueError, LookupError, TypeError):
+        return f"{APP_CONFIG} is not a WebLLM app config with one model"
+    if named != model_id:
+        return f"{APP_CONFIG} names model {named!r}, not {model_id!r}"
+    library = library_path(out, model_id)
+    try:
+        with open(library, "rb") as handle:
+            magic = handle.read(len(WASM_MAGIC))
+    except OSError:
+        return f"{library.relative_to(out)} is missing"
+    if magic != WASM_MAGIC:
+        return f"{library.relative_to(out)} is not a wasm module"
+    weights = out / WEIGHTS
+    for name in ("mlc-chat-config.json", "tensor-cache.json"):
+        if not (weights / name).is_file():
+            return f"{WEIGHTS / name} is missing"
+    try:
+        shards = json.loads((weights / "tensor-cache.json").read_text())["records"]
+        paths = [shard["dataPath"] for shard in shards]
+    except (OSError, ValueError, LookupError, TypeError):
+        return f"{WEIGHTS / 'tensor-cache.json'} is not a tensor cache"
+    for shard, name in zip(shards, paths, strict=True):
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"{WEIGHTS / 'tensor-cache.json'} lists {name!r}, not a file of its folder"
+        if not (weights / name).is_file():
+            return f"{WEIGHTS / name} is missing (tensor-cache.json lists it)"
+        size = (weights / name).stat().st_size
+        if isinstance(shard.get("nbytes"), int) and size != shard["nbytes"]:
+            return f"{WEIGHTS / name} holds {size} bytes, tensor-cache.json says {shard['nbytes']}"
+    return None
 
 
 def bundle_readme(request: ConvertRequest, model_path: Path) -> str:
