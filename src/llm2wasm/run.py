@@ -180,7 +180,11 @@ class PreviewJob:
 
 
 def preview_command(job: PreviewJob) -> list[str]:
-    """`llm2wasm preview` in the image, the bundle read-only, the port published on HOST only."""
+    """`llm2wasm preview` in the image, the bundle read-only, the port published on HOST only. The
+    bundle is hostile input, so the server gets the least it needs: no capabilities, no privilege
+    escalation, a bound on processes (a thread per connection), and a read-only root file system
+    (it writes nothing: it reads the bundle and answers; /tmp is a tmpfs should anything want one).
+    The public URL is what the browser opens; the server answers to that host only."""
     bundle = job.bundle.resolve()
     if not (bundle / "app-config.json").is_file():
         raise UsageError(f"{bundle / 'app-config.json'} not found: {bundle} is not a bundle made by `invoke convert`")
@@ -201,10 +205,18 @@ def preview_command(job: PreviewJob) -> list[str]:
         "--rm",
         "--init",  # Ctrl-C stops the server
         *(["--name", job.name] if job.name else []),
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "--pids-limit",
+        "256",  # a thread per connection, and a browser opens a handful at a time
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
         "-p",
         f"{job.host}:{job.port}:8000",
-        "-v",
-        f"{bundle}:/bundle:ro",
+        *bind_mount(bundle, "/bundle", read_only=True),
         job.image,
         "preview",
         "/bundle",
@@ -213,7 +225,8 @@ def preview_command(job: PreviewJob) -> list[str]:
         "--port",
         "8000",
         "--public-url",
-        f"http://{job.host}:{job.port}/",
+        # published on every address: a browser here opens it on the loopback one
+        f"http://{'127.0.0.1' if job.host in ('0.0.0.0', '') else job.host}:{job.port}/",
     ]
 
 
