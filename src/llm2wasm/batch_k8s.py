@@ -1,8 +1,10 @@
 """The Kubernetes manifests of a batch spec (``llm2wasm batch k8s``): a ConfigMap holding the spec,
 a NetworkPolicy that shuts the conversion pods off the network, and an Indexed Job whose pod N runs
 item N. The pods run as the image's unprivileged user with nothing they do not need: no service
-account token, no capabilities, no privilege escalation, a read-only root file system (scratch
-space is an emptyDir at /tmp), the default seccomp profile, the models read-only.
+account token, no capabilities, no privilege escalation, scratch space in an emptyDir at /tmp, the
+default seccomp profile, the models read-only. The root file system stays writable: emsdk's emcc
+builds the system libraries a link needs into its cache in the image on first use (the stable
+image's EM_CACHE is world-writable for that), which a read-only root would break.
 
 Runs in the image (standard library only).
 """
@@ -68,7 +70,7 @@ def kubernetes_manifests(
         "name": "convert",
         "image": image,
         "args": ["batch", "run", f"{SPEC_DIR}/{spec.path.name}", "--root", DATA, "--output", OUTPUT],
-        # with the root file system read-only, whatever a tool writes under $HOME goes to the emptyDir
+        # whatever a tool writes under $HOME goes to the emptyDir, not the image
         "env": [{"name": "HOME", "value": "/tmp"}],
         "volumeMounts": [
             {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
@@ -82,7 +84,8 @@ def kubernetes_manifests(
             "runAsNonRoot": True,
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
-            "readOnlyRootFilesystem": True,
+            # emcc writes its library cache in the image (see the module's docstring)
+            "readOnlyRootFilesystem": False,
         },
     }
     resources = _resources(spec)
