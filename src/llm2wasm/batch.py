@@ -221,6 +221,9 @@ def parse_spec(text: str, path: Path, root: Path | None = None, *, check_paths: 
                 continue
             if not isinstance(value, str) or Path(value).is_absolute() or ".." in Path(value).parts:
                 problems.append(f"{where}: {key} {value!r} must be a folder below the spec's folder ({root})")
+            elif check_paths and not (root / value).resolve().is_relative_to(root.resolve()):
+                # the container mounts only the spec's folder; a link out would reach its other mounts
+                problems.append(f"{where}: {key} {value!r} is a symlink out of the spec's folder: copy the folder in")
             elif check_paths and not (root / value).is_dir():
                 problems.append(f"{where}: {key} {value!r} is not a folder under {root}")
         name = entry.get("model_id", Path(model_path).name)

@@ -214,3 +214,25 @@ def test_matrix_for_github_actions(spec_dir, capsys):
     assert data == matrix(load_spec(spec_dir / "models.toml"))
     assert [entry["item"] for entry in data["include"]] == [0, 1, 2]
     assert data["include"][2] == {"item": 2, "model_id": "llama-q4f16_1", "quantization": "q4f16_1"}
+
+
+@pytest.mark.parametrize(
+    "entry,problem",
+    [
+        ('path = "../outside"', "must be a folder below the spec's folder"),
+        ('path = "/etc"', "must be a folder below the spec's folder"),
+        ('path = "models/qwen/../../.."', "must be a folder below the spec's folder"),
+        ('path = "models/qwen"\nadapter = "../../home/user/.ssh"', "must be a folder below the spec's folder"),
+        ('path = "models/link-out"', "is a symlink out of the spec's folder"),
+        ('path = "models/qwen"\nmodel_id = "../../x"', "must be letters, digits"),
+        ('path = "models/qwen"\nmodel_id = ".hidden"', "must be letters, digits"),
+        ('path = "models/qwen"\nquantizations = ["../q4f16_1"]', "is not an mlc_llm name"),
+    ],
+)
+def test_a_spec_cannot_name_anything_outside_its_folder(spec_dir, tmp_path_factory, entry, problem):
+    """A spec from someone else names folders; none may lead out of the spec's folder, and no name it
+    gives may become a path (traversal names, absolute paths, symlinks out)."""
+    outside = tmp_path_factory.mktemp("outside")
+    (spec_dir / "models" / "link-out").symlink_to(outside)
+    text = f'[defaults]\nquantizations = ["q4f16_1"]\n\n[[model]]\n{entry}\n'
+    assert problem in problems_of(text, spec_dir)
