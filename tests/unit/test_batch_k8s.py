@@ -1,6 +1,6 @@
 """The Kubernetes manifests of a batch spec: a ConfigMap with the spec, a NetworkPolicy that shuts the
 pods off the network, and an Indexed Job whose pod N runs item N, as an unprivileged user with a
-read-only root file system and the models read-only; every field one the Kubernetes API defines."""
+writable root (emsdk fills its cache) and the models read-only; every field one the Kubernetes API defines."""
 
 from __future__ import annotations
 
