@@ -301,17 +301,25 @@ def batch(
         "bundle": "a bundle made by `invoke convert` (its output folder)",
         "port": "port on this machine (default 8000)",
         "host": "address on this machine to publish the port on (default 127.0.0.1)",
+        "public-url": "the URL browsers open, e.g. http://my-box.lan:8000/ with --host 0.0.0.0 (the server "
+        "answers to that host only; default http://127.0.0.1:PORT/)",
         "profile": "which built image to use (default stable)",
         "image": "run this image instead of llm2wasm:app-PROFILE",
     }
 )
 @friendly
-def preview(c, bundle, port=8000, host="127.0.0.1", profile="stable", image=None):
+def preview(c, bundle, port=8000, host="127.0.0.1", profile="stable", image=None, public_url=None):
     """Serve a bundle with a chat page that runs it in WebLLM (in the built image); open the printed URL."""
     from llm2wasm.layers import FINAL_LAYER, get_layer
     from llm2wasm.run import PreviewJob, run_preview_job
 
-    job = PreviewJob(image=image or get_layer(FINAL_LAYER).tag(profile), bundle=Path(bundle), port=int(port), host=host)
+    job = PreviewJob(
+        image=image or get_layer(FINAL_LAYER).tag(profile),
+        bundle=Path(bundle),
+        port=int(port),
+        host=host,
+        public_url=public_url,
+    )
     sys.exit(run_preview_job(job))
 
 

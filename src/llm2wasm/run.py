@@ -177,6 +177,14 @@ class PreviewJob:
     port: int = 8000
     host: str = "127.0.0.1"  # where the port is published on this machine
     name: str | None = None  # container name (tests stop it by name)
+    # the URL a browser opens (the server answers to its host only); default: this machine's
+    # loopback address when published on every address, else HOST
+    public_url: str | None = None
+
+    def url(self) -> str:
+        if self.public_url:
+            return self.public_url if self.public_url.endswith("/") else self.public_url + "/"
+        return f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.port}/"
 
 
 def preview_command(job: PreviewJob) -> list[str]:
@@ -225,8 +233,7 @@ def preview_command(job: PreviewJob) -> list[str]:
         "--port",
         "8000",
         "--public-url",
-        # published on every address: a browser here opens it on the loopback one
-        f"http://{'127.0.0.1' if job.host in ('0.0.0.0', '') else job.host}:{job.port}/",
+        job.url(),
     ]
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import INVOKE, ROOT, invoke, run_app
+from llm2wasm.browser import free_port
+from tests.conftest import INVOKE, ROOT, app_image, invoke, run_app
 
 CANARY = "hf_llm2wasm_canary_0123456789"  # a token the caller holds; it must never reach an output
 # mlc_llm's gen_config eval()s each line of rwkv_vocab_v*.txt; this line gets past its quote check
@@ -56,22 +57,88 @@ def assert_nothing_leaked(out: Path) -> None:
             assert CANARY.encode() not in path.read_bytes(), f"the token reached {path}"
 
 
-def test_an_rwkv_vocab_file_in_a_model_folder_runs_no_code(made, tmp_path):
-    """Found by reading mlc_llm's gen_config: it eval()s each line of rwkv_vocab_v*.txt found beside
-    config.json. The file (and the README, code and data a Hub repo carries) stays out of mlc_llm's
-    view; the conversion finishes and says what it left out."""
-    model = copy_of(made, "tiny", tmp_path)
+@pytest.fixture(scope="module")
+def rwkv_conversion(made, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A model folder as a Hub repo may hold it: the model, a README, code, and an rwkv vocab whose
+    line gets past mlc_llm's quote check into its eval()."""
+    work = tmp_path_factory.mktemp("rwkv")
+    model = copy_of(made, "tiny", work)
     (model / "rwkv_vocab_v20230424.txt").write_text(RWKV_INJECTION)
     (model / "modeling_evil.py").write_text("raise SystemExit('imported')\n")
     (model / "README.md").write_text("# a model\n")
-    out = tmp_path / "out"
-    result = convert(model, out, "-q", "q0f32", "--conv-template", "llama-2")
+    out = work / "out"
+    return out, convert(model, out, "-q", "q0f32", "--conv-template", "llama-2")
+
+
+def test_an_rwkv_vocab_file_in_a_model_folder_runs_no_code(rwkv_conversion):
+    """Found by reading mlc_llm's gen_config: it eval()s each line of rwkv_vocab_v*.txt found beside
+    config.json. The file (and the README, code and data a Hub repo carries) stays out of mlc_llm's
+    view; the conversion finishes and says what it left out."""
+    out, result = rwkv_conversion
     assert_nothing_leaked(out)
     assert result.returncode == 0, result.stderr
     assert "left out of" in result.stderr and "rwkv_vocab_v20230424.txt" in result.stderr
     assert (out / "app-config.json").is_file() and (out / "lib" / "out.wasm").read_bytes()[:4] == b"\0asm"
     shipped = {path.name for path in (out / "model" / "resolve" / "main").iterdir()}
     assert not shipped & {"rwkv_vocab_v20230424.txt", "modeling_evil.py", "README.md", "tokenizer_model"}
+
+
+def get(url: str, path: str, host: str | None = None) -> tuple[int, bytes]:
+    import http.client
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    connection = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=10)
+    connection.putrequest("GET", path, skip_host=True)
+    connection.putheader("Host", host or parsed.netloc)
+    connection.endheaders()
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def test_preview_in_the_image_serves_the_bundle_and_nothing_else(rwkv_conversion, tmp_path):
+    """The real preview container on a real bundle: its state, a traversal and a foreign Host are
+    refused; a bundle whose library is a symlink out is refused at start (exit 2)."""
+    from llm2wasm.browser import start_preview
+
+    out, result = rwkv_conversion
+    assert result.returncode == 0, result.stderr
+    url, name = start_preview(app_image(), out)
+    try:
+        assert get(url, "/lib/out.wasm")[0] == 200
+        for path in ("/./.llm2wasm/state.json", "/%2e%2e/%2e%2e/etc/passwd", "//etc/passwd", "/.llm2wasm/owner.json"):
+            status, body = get(url, path)
+            assert status in (400, 404) and b"steps" not in body and b"root:" not in body, path
+        status, body = get(url, "/app-config.json", host="evil.example:80")
+        assert status == 421 and b"evil" not in body
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    bundle = shutil.copytree(out, tmp_path / "bundle", symlinks=True)
+    (bundle / "lib" / "out.wasm").unlink()
+    (bundle / "lib" / "out.wasm").symlink_to("/etc/hostname")
+    refused = invoke("preview", str(bundle), "--profile", "hermetic", "--port", str(free_port()))
+    assert refused.returncode == 2, refused.stderr
+    assert "lib/out.wasm" in refused.stderr and "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize(
+    "entry,problem",
+    [
+        ('path = "../tiny"', "must be a folder below the spec's folder"),
+        ('path = "link-out"', "is a symlink out of the spec's folder"),
+        ('path = "tiny"\nmodel_id = "../../x"', "must be letters, digits"),
+    ],
+)
+def test_a_batch_spec_that_leads_out_of_its_folder_is_refused(made, tmp_path, entry, problem):
+    spec_dir = tmp_path / "spec"
+    shutil.copytree(made / "tiny", spec_dir / "tiny")
+    (spec_dir / "link-out").symlink_to(made / "tiny")
+    (spec_dir / "models.toml").write_text(f'[defaults]\nquantizations = ["q0f32"]\n\n[[model]]\n{entry}\n')
+    out = tmp_path / "out"
+    result = invoke("batch", str(spec_dir / "models.toml"), "-o", str(out), "--image", app_image())
+    assert result.returncode == 2, result.stderr
+    assert problem in result.stderr and "nothing was converted" in result.stderr
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("folder", ["tiny", "lora"])

@@ -294,3 +294,6 @@ def test_the_preview_container_is_confined(tmp_path, monkeypatch):
     assert f"source={bundle},target=/bundle,readonly" in text  # a `:` in the path is no volume spec
     everywhere = run.preview_command(run.PreviewJob(image="app", bundle=bundle, port=port, host="0.0.0.0"))
     assert everywhere[everywhere.index("--public-url") + 1] == f"http://127.0.0.1:{port}/"
+    lan = run.PreviewJob(image="app", bundle=bundle, port=port, host="0.0.0.0", public_url="http://box.lan:8000")
+    command = run.preview_command(lan)
+    assert command[command.index("--public-url") + 1] == "http://box.lan:8000/"
