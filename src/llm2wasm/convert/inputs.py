@@ -105,9 +105,10 @@ def _read_json(path: Path, what: str) -> dict:
     return value
 
 
-def weight_files(model_dir: Path) -> list[Path]:
-    files = sorted(model_dir.glob("*.safetensors"))
-    return files or sorted(model_dir.glob("pytorch_model*.bin"))
+def weight_files(files: InputFiles) -> list[Path]:
+    """The checkpoint's weights among the files a conversion reads: safetensors, else pickles."""
+    safetensors = [path for name, path in sorted(files.files.items()) if name.endswith(".safetensors")]
+    return safetensors or [path for name, path in sorted(files.files.items()) if name.endswith(".bin")]
 
 
 def safetensors_header(path: Path) -> dict:
@@ -138,14 +139,14 @@ def safetensors_names(files: list[Path]) -> set[str]:
     return names
 
 
-def check_model_dir(model_dir: Path) -> dict:
+def check_model_dir(model_dir: Path, files: InputFiles | None = None) -> dict:
     if not model_dir.is_dir():
         raise UsageError(
             f"model folder {model_dir} does not exist: pass the folder of a Hugging Face "
             "checkpoint (config.json, *.safetensors, tokenizer files)"
         )
     config = _read_json(model_dir / "config.json", "a Hugging Face model folder has config.json beside its weights")
-    weights = weight_files(model_dir)
+    weights = weight_files(files) if files is not None else []
     if not weights:
         raise UsageError(
             f"no weights in {model_dir}: expected *.safetensors or pytorch_model*.bin "
@@ -237,7 +238,8 @@ def check_not_prequantized(config: dict, model_dir: Path, merging: bool) -> None
         )
 
 
-def check_adapter(adapter: Path, model_dir: Path, config: dict, warnings: list[str]) -> None:
+def check_adapter(adapter: Path, model_files: InputFiles, config: dict, warnings: list[str]) -> None:
+    model_dir = model_files.folder
     if not adapter.is_dir():
         raise UsageError(f"adapter folder {adapter} does not exist: pass the folder PEFT's save_pretrained wrote")
     adapter_config = _read_json(
@@ -254,7 +256,7 @@ def check_adapter(adapter: Path, model_dir: Path, config: dict, warnings: list[s
     targets = adapter_config.get("target_modules") or []
     if isinstance(targets, str):  # a regular expression in PEFT
         targets = [targets]
-    model_names = safetensors_names(weight_files(model_dir))
+    model_names = safetensors_names(weight_files(model_files))
     if targets and model_names:
 
         def hit(target: str) -> bool:
@@ -321,7 +323,7 @@ def build_request(args, names: MlcNames, previous_bundle) -> ConvertRequest:
     if not model_dir.is_dir():
         check_model_dir(model_dir)  # says what a model folder is
     model_files = select_model_files(model_dir)
-    config = check_model_dir(model_dir)
+    config = check_model_dir(model_dir, model_files)
     adapter = Path(args.adapter).resolve() if args.adapter else None
     adapter_files = select_adapter_files(adapter) if adapter is not None and adapter.is_dir() else None
     check_not_prequantized(config, model_dir, merging=adapter is not None)
@@ -335,7 +337,7 @@ def build_request(args, names: MlcNames, previous_bundle) -> ConvertRequest:
     if note:
         warnings.append(note)
     if adapter is not None:
-        check_adapter(adapter, model_dir, config, warnings)
+        check_adapter(adapter, model_files, config, warnings)
     if output == model_dir or model_dir in output.parents:
         raise UsageError(f"output {output} is inside the model folder: write the bundle somewhere else")
     check_output(output, args.force, previous_bundle(output))
