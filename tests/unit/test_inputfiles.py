@@ -220,3 +220,16 @@ def test_the_step_cache_key_follows_content_not_mtimes(model, tmp_path):
     data[-1] ^= 0xFF
     (model / "model.safetensors").write_bytes(bytes(data))
     assert fingerprint(select_model_files(model)) == before
+
+
+def test_the_input_checks_open_only_the_selected_files(model):
+    """A name the allowlist leaves out is never opened, not even by the checks (a FIFO there would
+    hang them): here a damaged `x y.safetensors` beside the real weights."""
+    from llm2wasm.convert.inputs import check_model_dir, weight_files
+
+    (model / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    (model / "x y.safetensors").write_bytes(b"garbage")
+    files = select_model_files(model)
+    assert "x y.safetensors" in files.left_out
+    assert weight_files(files) == [(model / "model.safetensors").resolve()]
+    assert check_model_dir(model, files) == {"model_type": "llama"}
