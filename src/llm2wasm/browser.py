@@ -65,6 +65,8 @@ class BrowserRun:
     timings: dict[str, float] = field(default_factory=dict)
     results: list[dict] = field(default_factory=list)
     preview_errors: list[str] = field(default_factory=list)
+    retries: list[str] = field(default_factory=list)  # the page's own notes of a load it tried again
+    dropped: list[str] = field(default_factory=list)  # requests failed on purpose (drop_first)
 
 
 def run_preview_page(
@@ -75,12 +77,15 @@ def run_preview_page(
     load_timeout_s: float = 1800,
     extra_urls: tuple[str, ...] = (),
     chat_system: str | None = None,
+    drop_first: tuple[str, ...] = (),
 ) -> BrowserRun:
     """Open the preview page at `url`, wait for WebLLM to load the bundle, complete `prompt`
     greedily, take a screenshot. `extra_urls`: further preview pages loaded in the same browser
     afterwards (a browser launch pays for compiling the sampler's sort kernel once). With
     `chat_system`, one chat turn instead: `prompt` as the user's message after that system message,
-    through `engine.chat.completions` (the bundle's conversation template wraps them)."""
+    through `engine.chat.completions` (the bundle's conversation template wraps them).
+    `drop_first`: URL endings whose first request fails as a connection reset does (what a page
+    sees when the network changes under it), to show the page loads again."""
     from playwright.sync_api import sync_playwright
 
     run = BrowserRun()
@@ -91,8 +96,15 @@ def run_preview_page(
         try:
             context = browser.new_context(viewport={"width": 900, "height": 900})
 
+            dropped: set[str] = set()
+
             def guard(route):
                 host = urlsplit(route.request.url).hostname
+                ending = next((end for end in drop_first if route.request.url.endswith(end)), None)
+                if ending is not None and ending not in dropped:
+                    dropped.add(ending)
+                    run.dropped.append(route.request.url)
+                    return route.abort("connectionreset")
                 if route.request.url.startswith(("data:", "blob:")) or host == "127.0.0.1":
                     return route.continue_()
                 run.foreign_requests.append(route.request.url)
@@ -119,6 +131,7 @@ def run_preview_page(
                     polling=1000,
                 )
                 run.preview_errors += page.evaluate("() => window.llm2wasmPreview.errors")
+                run.retries += page.evaluate("() => window.llm2wasmPreview.retries")
                 run.timings[f"load_{index}_s"] = time.monotonic() - started
                 if run.preview_errors:
                     break

@@ -118,6 +118,41 @@ def test_screenshot_kept(webllm_run):
     assert (ARTIFACTS / "browser" / "preview.png").stat().st_size > 10_000
 
 
+def test_a_load_whose_connection_fails_is_tried_again_while_containers_come_and_go(browser_bundle):
+    """Chrome fails a fetch with net::ERR_NETWORK_CHANGED when a network interface comes or goes
+    during it, as Docker's veth pairs do whenever a container with a network starts or stops (one
+    such run lost a matrix row's .wasm). The page loads again and says so. Here: containers with a
+    network start and stop beside the page for its whole load, and the first .wasm request is failed
+    as a reset connection, so at least one retry is certain."""
+    import threading
+
+    work, reference, _ = browser_bundle
+    stop = threading.Event()
+    started = []
+
+    def churn():  # bounded: at most 40 containers, and only while the page loads
+        while not stop.is_set() and len(started) < 40:
+            subprocess.run(["docker", "run", "--rm", "--entrypoint", "true", "llm2wasm:app-hermetic"],
+                           capture_output=True, timeout=60)  # fmt: skip
+            started.append(time.monotonic())
+
+    url, name = start_preview(work / "bundle")
+    churner = threading.Thread(target=churn, daemon=True)
+    churner.start()
+    try:
+        run = run_preview_page(url, reference["prompt"], STEPS, drop_first=(".wasm",))
+    finally:
+        stop.set()
+        churner.join(timeout=90)
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    assert len(run.dropped) == 1 and run.dropped[0].endswith(".wasm")
+    assert any("loading the model: the connection failed" in note for note in run.retries), run.retries
+    assert not run.preview_errors and not run.page_errors, (run.preview_errors, run.page_errors)
+    assert started, "no container started beside the page"
+    (result,) = run.results
+    assert result["tokenIds"] == reference["reference_ids"], (result, reference)
+
+
 def test_without_the_repair_validation_and_the_browser_fail(browser_bundle, tmp_path):
     """The library as compiled (kept beside the repaired one): the validator rejects it, and in the
     browser it loads, "answers" with other tokens, and only the console shows WebGPU errors."""

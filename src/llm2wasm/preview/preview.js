@@ -2,7 +2,7 @@
 // shows load progress, streams answers with tokens/s, and says in words what went wrong.
 // window.llm2wasmPreview exposes the same engine to tests (see tests/integration/test_browser.py).
 const $ = (id) => document.getElementById(id);
-const state = { errors: [], ready: false, engine: null, modelId: null, mode: "complete", messages: [] };
+const state = { errors: [], retries: [], ready: false, engine: null, modelId: null, mode: "complete", messages: [] };
 window.llm2wasmPreview = state;
 
 function fail(message) {
@@ -19,6 +19,30 @@ function explain(error) {
     return `A file of the bundle could not be loaded: ${text}`;
   }
   return text;
+}
+
+// A fetch that fails without an HTTP answer ("Failed to fetch") is what Chrome gives when the
+// network changed during the load (net::ERR_NETWORK_CHANGED: an interface came or went, as
+// Docker's do when a container with a network starts or stops). The file is there: load again.
+const LOAD_ATTEMPTS = 3;
+function isTransient(error) {
+  const text = String(error && error.message ? error.message : error);
+  return /Failed to fetch|NetworkError|network changed|ERR_NETWORK/i.test(text) && !/\b40[0-9]\b/.test(text);
+}
+
+async function withRetries(what, action) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await action();
+    } catch (error) {
+      if (attempt >= LOAD_ATTEMPTS || !isTransient(error)) throw error;
+      const note = `${what}: the connection failed (${explain(error)}); trying again (${attempt + 1} of ${LOAD_ATTEMPTS})`;
+      state.retries.push(note);
+      console.warn(note);
+      $("status").textContent = note;
+      await new Promise((resolve) => setTimeout(resolve, 1000 * attempt));
+    }
+  }
 }
 
 async function checkFile(url, what) {
@@ -69,21 +93,23 @@ async function main() {
   appConfig.cacheBackend = "indexeddb";
   const record = appConfig.model_list[0];
   try {
-    await checkFile(record.model_lib, "the model library, model_lib");
-    await checkFile(new URL("resolve/main/tensor-cache.json", record.model).href, "the weights index");
+    await withRetries("checking the bundle", async () => {
+      await checkFile(record.model_lib, "the model library, model_lib");
+      await checkFile(new URL("resolve/main/tensor-cache.json", record.model).href, "the weights index");
+    });
   } catch (error) {
     return fail(explain(error));
   }
   $("status").textContent = "Loading the model…";
   const started = performance.now();
   try {
-    state.engine = await webllm.CreateMLCEngine(info.model_id, {
+    state.engine = await withRetries("loading the model", () => webllm.CreateMLCEngine(info.model_id, {
       appConfig,
       initProgressCallback: (report) => {
         $("progress").value = report.progress;
         $("status").textContent = report.text;
       },
-    });
+    }));
   } catch (error) {
     return fail(`Loading failed: ${explain(error)}`);
   }
