@@ -91,15 +91,22 @@ def build(
         until=until,
         repository=repository,
         images_dir=Path(images) if images else None,
+        # the dry run asks no server: what the preflight resolves is shown as a placeholder
+        resolved={} if no_preflight else None,
     )
     if dry_run:
         print(plan.describe())
         return
     reporter = Reporter(quiet=quiet)
-    if not no_preflight:
+    if no_preflight:
+        reporter.say(f"==> {plan.unpinned_note()}")
+    else:
         from llm2wasm.preflight import preflight_or_stop
 
-        preflight_or_stop(plan.profile, [step.layer.name for step in plan.steps], reporter.say)
+        resolved = preflight_or_stop(plan.profile, [step.layer.name for step in plan.steps], reporter.say)
+        plan = plan.with_resolved(resolved)
+        for line in plan.resolution_lines():
+            reporter.say(f"    pinned: {line}")
     if int(jobs) < 1:
         raise UsageError(f"--jobs {jobs}: build at least one layer at a time (--jobs 1 builds them one by one)")
     results = build_plan(plan, reporter, reverify=reverify, no_cache=no_cache, selftest=not no_selftest, jobs=int(jobs))

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from llm2wasm.checks import bad_path_entries, env_garbage, expected_os
+from llm2wasm.checks import bad_path_entries, base_image_label_problems, env_garbage, expected_os
 
 TOOLS = ["curl", "wget", "unzip", "git", "git-lfs", "nano", "make", "patch", "tar", "xz"]
 
@@ -29,6 +29,13 @@ def test_os_is_the_pinned_base(host, pins):
     fields = {key: value.strip('"') for key, value in fields.items()}
     assert fields.get("ID") == distro, release
     assert tag in {fields.get("VERSION_ID"), fields.get("VERSION_CODENAME"), "latest"}, release
+
+
+def test_labels_record_the_base_image(image_config, pins):
+    """org.opencontainers.image.base.name/.digest: the pin, and the manifest digest the build pulled
+    (empty only for a build by tag, --no-preflight)."""
+    problems = base_image_label_problems(image_config.get("Labels"), pins["base_image"])
+    assert problems == [], problems
 
 
 def test_apt_lists_cleaned(host):

@@ -7,7 +7,7 @@ import posixpath
 
 import pytest
 
-from llm2wasm.checks import emcc_version
+from llm2wasm.checks import EMSDK_COMMIT_LABEL, commit_label_check, emcc_version
 
 SOURCES = ("emsdk", "debian")
 
@@ -86,6 +86,14 @@ def test_env_matches_emsdks_own(host, image_env, emsdk_only):
 
 def test_checkout_is_the_pinned_ref(checked_out_ref, image_env, pins, emsdk_only):
     assert checked_out_ref(image_env["EMSDK"], pins["emsdk_ref"]) == pins["emsdk_ref"]
+
+
+def test_commit_label_is_the_checkouts_commit(host, image_config, image_env, emsdk_only):
+    label = (image_config.get("Labels") or {}).get(EMSDK_COMMIT_LABEL)
+    check = commit_label_check(label, host.check_output(f"git -C {image_env['EMSDK']} rev-parse HEAD"), "emsdk")
+    if check.status == "unrecorded":
+        pytest.skip(check.message)
+    assert check.status == "match", check.message
 
 
 def test_downloads_cleaned(host, image_env, emsdk_only):

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from llm2wasm.checks import unexpected_web_runtime_files
+from llm2wasm.checks import MLC_LLM_COMMIT_LABEL, commit_label_check, unexpected_web_runtime_files
 
 # What create_tvmjs_wasm links into every model library. TVM's standalone tvmjs runtime
 # (tvmjs_runtime.wasm/.js) is not built: no conversion links it and WebLLM ships its own.
@@ -34,6 +34,16 @@ def test_tvm_web_runtime_built(host, image_env, name):
 
 def test_mlc_llm_checkout_is_the_pinned_ref(built_from, pins):
     assert built_from["MLC_LLM_CHECKED_OUT"] == pins["mlc_llm_ref"]
+
+
+def test_commit_label_is_the_commit_built_from(image_config, built_from):
+    """The label records the commit the preflight found mlc_llm_ref at (the build stops when its clone
+    is elsewhere); BUILT_FROM the commit read off git in the build. They must be the same."""
+    label = (image_config.get("Labels") or {}).get(MLC_LLM_COMMIT_LABEL)
+    check = commit_label_check(label, built_from.get("MLC_LLM_COMMIT"), "mlc-llm")
+    if check.status == "unrecorded":
+        pytest.skip(check.message)
+    assert check.status == "match", check.message
 
 
 def test_tvm_source_is_the_submodule_mlc_llm_pins(built_from):

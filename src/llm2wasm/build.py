@@ -129,6 +129,12 @@ def build_plan(
     selftest: bool = True,
     jobs: int = BUILD_JOBS,
 ) -> list[LayerResult]:
+    pending = plan.pending_args()
+    if pending:  # a placeholder must never reach docker build as a value
+        raise ValueError(
+            f"build args still wait for the preflight: {', '.join(pending)}; "
+            "build plan.with_resolved(the preflight's findings), or with_resolved({}) under --no-preflight"
+        )
     reporter = reporter or Reporter()
     docker.ensure_engine()
     state = VerifiedImages(plan.profile.name)

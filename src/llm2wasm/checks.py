@@ -145,3 +145,46 @@ def unexpected_web_runtime_files(relative_paths: list[str]) -> list[str]:
     return sorted(
         path for path in relative_paths if path != BUILT_FROM and not path.startswith(WEB_RUNTIME_KEPT_FOLDERS)
     )
+
+
+# Labels that record what a build was pinned to (images/*/Dockerfile, fed from the preflight).
+EMSDK_COMMIT_LABEL = "io.llm2wasm.emsdk.commit"
+MLC_LLM_COMMIT_LABEL = "io.llm2wasm.mlc-llm.commit"
+BASE_NAME_LABEL = "org.opencontainers.image.base.name"
+BASE_DIGEST_LABEL = "org.opencontainers.image.base.digest"
+FULL_COMMIT = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def commit_label_check(label: str | None, built_from_commit: str | None, what: str) -> CommitCheck:
+    """Does a layer's commit label (the commit the preflight found the ref at, which the build checked
+    its clone against) name the commit the layer was really built from (read off git in the build)?
+
+    "unrecorded" when the label is empty or absent: the build ran with --no-preflight."""
+    label, built = (label or "").strip(), (built_from_commit or "").strip()
+    if not label:
+        return CommitCheck("unrecorded", f"no {what} commit recorded in the label: built with --no-preflight")
+    if not FULL_COMMIT.fullmatch(label):
+        return CommitCheck("mismatch", f"the {what} commit label {label!r} is not a full commit id")
+    if label != built:
+        return CommitCheck(
+            "mismatch", f"the label records {what} commit {label}, but the layer was built from {built or 'nothing'}"
+        )
+    return CommitCheck("match", f"{what} built from {built}, the commit its label records")
+
+
+def base_image_label_problems(labels: dict[str, str] | None, base_image: str) -> list[str]:
+    """What is wrong with the base layer's record of its base image: base.name must be the pin, and
+    base.digest a sha256 digest (empty only for a build by tag, --no-preflight), the pin's own digest
+    when it names one."""
+    labels = labels or {}
+    problems = []
+    name, digest = labels.get(BASE_NAME_LABEL), (labels.get(BASE_DIGEST_LABEL) or "").strip()
+    if name != base_image:
+        problems.append(f"{BASE_NAME_LABEL} is {name!r}, not the pin base_image={base_image!r}")
+    if digest and not SHA256_DIGEST.fullmatch(digest):
+        problems.append(f"{BASE_DIGEST_LABEL} {digest!r} is not a sha256 digest")
+    pinned_digest = base_image.partition("@")[2]
+    if pinned_digest and digest != pinned_digest:
+        problems.append(f"{BASE_DIGEST_LABEL} is {digest!r}, but the pin names {pinned_digest}")
+    return problems

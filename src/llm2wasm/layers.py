@@ -30,6 +30,10 @@ class Layer:
     # Build args the builder derives from a built image: ARG -> the layer whose image it is read
     # from (see build.derive_args)
     derived_args: dict[str, str] = field(default_factory=dict)
+    # Build args the preflight fills in: ARG -> the pin whose immutable identity it carries (the
+    # commit a git ref is at, the base image's manifest digest; llm2wasm.plan). Empty when the build
+    # runs with --no-preflight; the Dockerfile then checks nothing against it and its label stays empty.
+    resolved_args: dict[str, str] = field(default_factory=dict)
     # A real conversion in the built image (`llm2wasm selftest`) after its checks: no image is
     # recorded as verified, pushed or published unless one ran in it
     selftest: bool = False
@@ -64,7 +68,8 @@ LAYERS: tuple[Layer, ...] = (
         "base",
         None,
         "OS base with the tools conversions use (curl, wget, unzip, git, git-lfs, nano, CA certificates)",
-        {"BASE_IMAGE": "base_image"},
+        {"BASE_IMAGE": "base_image", "BASE_IMAGE_NAME": "base_image"},
+        resolved_args={"BASE_IMAGE_DIGEST": "base_image"},
         keeps=(("/usr", "the distribution and the tools conversions call: git, git-lfs, curl, patch, make"),),
     ),
     Layer(
@@ -109,6 +114,7 @@ LAYERS: tuple[Layer, ...] = (
             "EMSDK_VERSION": "emsdk_version",
             "EMSDK_DOWNLOADS_URL": "emsdk_downloads_url",
         },
+        resolved_args={"EMSDK_COMMIT": "emsdk_ref"},
         keeps=(
             (
                 "/opt/emsdk",
@@ -122,6 +128,7 @@ LAYERS: tuple[Layer, ...] = (
         "emsdk",
         "the mlc-llm and TVM web runtimes, built from mlc-llm at the pinned ref and its TVM; keeps their outputs only",
         {"MLC_LLM_REPO": "mlc_llm_repo", "MLC_LLM_REF": "mlc_llm_ref"},
+        resolved_args={"MLC_LLM_COMMIT": "mlc_llm_ref"},
         keeps=(
             ("/opt/mlc-llm", "the runtimes every compile links (web/dist/wasm) and BUILT_FROM; not their sources"),
             (
@@ -208,6 +215,9 @@ def validate_registry() -> None:
         for arg, source in layer.derived_args.items():
             if source not in layer.depends_on:
                 raise AssertionError(f"layer {layer.name} derives {arg} from {source}, which it does not depend on")
+        for arg, pin in layer.resolved_args.items():
+            if pin not in layer.build_args.values() or arg in layer.build_args:
+                raise AssertionError(f"layer {layer.name}: {arg} carries what pin {pin} resolved to; pass {pin} too")
         seen.add(layer.name)
     for layer in LAYERS:
         for path in (layer.dockerfile, layer.check_module):

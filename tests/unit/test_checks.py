@@ -1,7 +1,11 @@
 import pytest
 
 from llm2wasm.checks import (
+    BASE_DIGEST_LABEL,
+    BASE_NAME_LABEL,
     bad_path_entries,
+    base_image_label_problems,
+    commit_label_check,
     emcc_version,
     env_dict,
     env_garbage,
@@ -121,4 +125,46 @@ def test_only_runtime_outputs_count_as_kept():
         ".git/HEAD",
         "3rdparty/tvm/src/runtime/module.cc",
         "3rdparty/tvm/web/emcc/wasm_runtime.cc",
+    ]
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize(
+    "label,built,status",
+    [
+        (COMMIT, COMMIT, "match"),
+        (COMMIT, "f" * 40, "mismatch"),  # the label and what was built disagree
+        (COMMIT, "", "mismatch"),  # nothing recorded in BUILT_FROM
+        (COMMIT[:12], COMMIT, "mismatch"),  # an abbreviation is not a record
+        ("", COMMIT, "unrecorded"),  # --no-preflight
+        (None, COMMIT, "unrecorded"),  # an image without the label
+    ],
+)
+def test_commit_label_check(label, built, status):
+    check = commit_label_check(label, built, "mlc-llm")
+    assert check.status == status, check.message
+    if status == "mismatch" and built:
+        assert "mlc-llm" in check.message
+
+
+def test_base_image_labels():
+    digest = "sha256:" + "a" * 64
+    labels = {BASE_NAME_LABEL: "ubuntu:24.04", BASE_DIGEST_LABEL: digest}
+    assert base_image_label_problems(labels, "ubuntu:24.04") == []
+    assert base_image_label_problems({**labels, BASE_DIGEST_LABEL: ""}, "ubuntu:24.04") == []  # by tag
+    assert base_image_label_problems(labels, "ubuntu:22.04") == [
+        f"{BASE_NAME_LABEL} is 'ubuntu:24.04', not the pin base_image='ubuntu:22.04'"
+    ]
+    assert base_image_label_problems({}, "ubuntu:24.04") == [
+        f"{BASE_NAME_LABEL} is None, not the pin base_image='ubuntu:24.04'"
+    ]
+    assert base_image_label_problems({**labels, BASE_DIGEST_LABEL: "latest"}, "ubuntu:24.04") == [
+        f"{BASE_DIGEST_LABEL} 'latest' is not a sha256 digest"
+    ]
+    other = "sha256:" + "b" * 64
+    pinned = f"ubuntu@{other}"
+    assert base_image_label_problems({BASE_NAME_LABEL: pinned, BASE_DIGEST_LABEL: digest}, pinned) == [
+        f"{BASE_DIGEST_LABEL} is {digest!r}, but the pin names {other}"
     ]

@@ -49,12 +49,47 @@ def test_ancestors_and_until():
             (Layer("a", None, "x"), Layer("b", "a", "x", derived_args={"X": "c"})),
             "layer b derives X from c, which it does not depend on",
         ),
+        (
+            (Layer("a", None, "x", {"REF": "ref"}, resolved_args={"COMMIT": "other_ref"}),),
+            "layer a: COMMIT carries what pin other_ref resolved to; pass other_ref too",
+        ),
     ],
 )
 def test_a_registry_out_of_order_is_refused(monkeypatch, broken, message):
     monkeypatch.setattr(layers, "LAYERS", broken)
     with pytest.raises(AssertionError, match=message):
         validate_registry()
+
+
+def test_the_preflight_feeds_the_commits_and_the_base_digest_to_the_layers_that_clone_and_pull():
+    assert get_layer("base").resolved_args == {"BASE_IMAGE_DIGEST": "base_image"}
+    assert get_layer("emsdk").resolved_args == {"EMSDK_COMMIT": "emsdk_ref"}
+    assert get_layer("web-runtime").resolved_args == {"MLC_LLM_COMMIT": "mlc_llm_ref"}
+    assert not any(layer.resolved_args for layer in LAYERS if layer.name not in {"base", "emsdk", "web-runtime"})
+
+
+@pytest.mark.parametrize(
+    ("layer", "arg", "label"),
+    [
+        ("base", "BASE_IMAGE_NAME", "org.opencontainers.image.base.name"),
+        ("base", "BASE_IMAGE_DIGEST", "org.opencontainers.image.base.digest"),
+        ("emsdk", "EMSDK_COMMIT", "io.llm2wasm.emsdk.commit"),
+        ("web-runtime", "MLC_LLM_COMMIT", "io.llm2wasm.mlc-llm.commit"),
+    ],
+)
+def test_each_resolved_value_is_recorded_in_a_label(layer, arg, label):
+    text = get_layer(layer).dockerfile.read_text()
+    assert f'{label}="${{{arg}}}"' in text
+
+
+@pytest.mark.parametrize(("layer", "arg"), [("emsdk", "EMSDK_COMMIT"), ("web-runtime", "MLC_LLM_COMMIT")])
+def test_each_clone_is_held_to_the_preflights_commit(layer, arg):
+    """After `git clone --branch REF`, the layer stops when HEAD is not the commit the preflight found."""
+    text = get_layer(layer).dockerfile.read_text()
+    clone = text.index("clone --quiet --depth 1 --branch")
+    check = text.index(f'if [ -n "${arg}" ] && [ "$cloned" != "${arg}" ]; then', clone)
+    assert text.index('cloned="$(git -C', clone) < check
+    assert "moved:" in text[check : check + 400] and "exit 1" in text[check : check + 400]
 
 
 def test_unknown_layer():
@@ -83,7 +118,8 @@ def test_no_verify_module_outside_the_registry():
 def test_dockerfile_declares_exactly_the_registry_args(layer):
     text = layer.dockerfile.read_text()
     declared = set(re.findall(r"^ARG ([A-Z0-9_]+)", text, re.MULTILINE)) - {"DEBIAN_FRONTEND"}
-    expected = set(layer.build_args) | set(layer.derived_args) | {"BASE_IMAGE"} | {image_arg(j) for j in layer.joins}
+    expected = set(layer.build_args) | set(layer.derived_args) | set(layer.resolved_args)
+    expected |= {"BASE_IMAGE"} | {image_arg(j) for j in layer.joins}
     if layer.name == "app":
         expected |= {"LLM2WASM_REVISION", "LLM2WASM_CREATED"}
     assert declared == expected

@@ -3,6 +3,7 @@ local bare git repositories: every success path, and each failure with what it n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import subprocess
@@ -28,10 +29,13 @@ from llm2wasm.preflight import (
     PreflightResult,
     for_layers,
     format_results,
+    manifest_digest,
     nearest_versions,
     parse_image_reference,
     parse_pip_options,
+    pinned_by_digest,
     preflight_or_stop,
+    resolved_pins,
     run_preflight,
 )
 
@@ -71,6 +75,7 @@ class LocalServer(ThreadingHTTPServer):
         self.log: list[tuple[str, dict[str, str]]] = []
         self.images: dict[str, dict[str, tuple[str, dict]]] = {}  # repository -> tag -> (media type, manifest)
         self.token: str | None = None  # when set, the registry wants `Bearer <token>` from /token
+        self.content_digest: str | None = None  # when set, the Docker-Content-Digest header sent instead
 
     @property
     def url(self) -> str:
@@ -97,14 +102,25 @@ class LocalServer(ThreadingHTTPServer):
         tags = self.images[repository]
         if reference is None:
             return 200, {"Content-Type": "application/json"}, as_json({"name": repository, "tags": list(tags)})
-        if reference not in tags:
+        by_digest = {sha256_digest(as_json(manifest)): (kind, manifest) for kind, manifest in tags.values()}
+        if reference not in tags and reference not in by_digest:
             return 404, {"Content-Type": "application/json"}, errors("MANIFEST_UNKNOWN")
-        media_type, manifest = tags[reference]
-        return 200, {"Content-Type": media_type}, as_json(manifest)
+        media_type, manifest = tags.get(reference) or by_digest[reference]
+        body = as_json(manifest)
+        # as a real registry does: the digest of the bytes it sends
+        return (
+            200,
+            {"Content-Type": media_type, "Docker-Content-Digest": self.content_digest or sha256_digest(body)},
+            body,
+        )
 
 
 def as_json(value: Any) -> bytes:
     return json.dumps(value).encode()
+
+
+def sha256_digest(body: bytes) -> str:
+    return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
 def errors(code: str) -> bytes:
@@ -330,8 +346,9 @@ def test_a_profile_whose_pins_all_exist_passes_every_check(server, git_remote):
         "webllm_version",
         "webllm_integrity",
     }
+    index_digest = sha256_digest(as_json(server.images["library/ubuntu"]["24.04"][1]))
     assert result_for(results, "base_image").message == (
-        f"base_image {server.host}/library/ubuntu:24.04: linux/amd64 in {server.host}/library/ubuntu"
+        f"base_image {server.host}/library/ubuntu:24.04: linux/amd64 in {server.host}/library/ubuntu, {index_digest}"
     )
     assert (
         "mlc_ai_cu128-0.20.0-cp312-cp312-manylinux_2_28_x86_64.whl" in result_for(results, "mlc_ai_requirement").message
@@ -484,6 +501,83 @@ def test_a_repository_the_token_does_not_open_is_reported_as_unknown(server, git
     assert "no repository library/ubuntu" in result.message and "needs a login" in result.message
 
 
+# --- what the base image resolves to --------------------------------------------------------------
+
+
+def test_the_base_image_resolves_to_the_digest_of_the_manifest_served(server, git_remote):
+    results = preflight(make_profile(server, git_remote))
+    index_digest = sha256_digest(as_json(server.images["library/ubuntu"]["24.04"][1]))
+    assert result_for(results, "base_image").resolved == (("base_image", index_digest),)
+    assert resolved_pins(results)["base_image"] == index_digest
+    # a single-platform image: the digest of that manifest
+    single = result_for(
+        preflight(make_profile(server, git_remote, base_image=f"{server.host}/single:1.0")), "base_image"
+    )
+    assert single.resolved == (("base_image", sha256_digest(as_json(server.images["single"]["1.0"][1]))),)
+
+
+def test_a_pinned_digest_resolves_to_itself(server, git_remote):
+    digest = sha256_digest(as_json(server.images["single"]["1.0"][1]))
+    for pinned in (f"{server.host}/single@{digest}", f"{server.host}/single:1.0@{digest}"):
+        result = result_for(preflight(make_profile(server, git_remote, base_image=pinned)), "base_image")
+        assert result.ok and result.resolved == (("base_image", digest),), result.message
+
+
+def test_a_manifest_that_is_not_the_pinned_digest_is_refused(server, git_remote):
+    # a registry (or a proxy) answering the digest's request with other bytes
+    wrong = "sha256:" + "e" * 64
+    served = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST, "x": 1}
+    server.images["single"][wrong] = (DOCKER_MANIFEST, served)
+    result = result_for(
+        preflight(make_profile(server, git_remote, base_image=f"{server.host}/single@{wrong}")), "base_image"
+    )
+    assert not result.ok and not result.resolved
+    assert f"a manifest whose digest is {sha256_digest(as_json(served))}, not the pinned one" in result.message
+
+
+def test_a_content_digest_header_that_is_not_the_bodys_sha256_is_refused(server, git_remote):
+    server.content_digest = "sha256:" + "0" * 64
+    result = result_for(preflight(make_profile(server, git_remote)), "base_image")
+    assert not result.ok and not result.resolved
+    assert f"Docker-Content-Digest {server.content_digest} is not the sha256" in result.message
+    assert "check the registry" in result.fix
+    assert resolved_pins([result]) == {}
+
+
+def test_manifest_digest_is_the_sha256_of_the_bytes_and_must_agree_with_the_header():
+    body = b'{"schemaVersion": 2}'
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    assert manifest_digest(body) == digest
+    assert manifest_digest(body, digest) == digest
+    assert manifest_digest(body, "sha512:" + "0" * 128) == digest  # only a sha256 header can be compared
+    with pytest.raises(ValueError, match="is not the sha256 of the manifest"):
+        manifest_digest(body, "sha256:" + "1" * 64)
+    with pytest.raises(ValueError, match="too large"):
+        manifest_digest(body, digest, truncated=True)
+
+
+@pytest.mark.parametrize(
+    "pinned,digest,expected",
+    [
+        ("ubuntu:24.04", "sha256:" + "a" * 64, "ubuntu:24.04@sha256:" + "a" * 64),
+        (
+            "127.0.0.1:38474/llm2wasm-hermetic/debian:bookworm",
+            "sha256:" + "b" * 64,
+            "127.0.0.1:38474/llm2wasm-hermetic/debian:bookworm@sha256:" + "b" * 64,
+        ),
+        ("ubuntu:24.04", "", "ubuntu:24.04"),  # --no-preflight: by tag
+        ("ubuntu@sha256:" + "c" * 64, "sha256:" + "c" * 64, "ubuntu@sha256:" + "c" * 64),  # pinned by digest already
+    ],
+)
+def test_the_base_image_is_pulled_by_digest_when_known(pinned, digest, expected):
+    assert pinned_by_digest(pinned, digest) == expected
+
+
+def test_pinned_by_digest_refuses_what_is_not_a_digest():
+    with pytest.raises(ValueError, match="not a sha256 digest"):
+        pinned_by_digest("ubuntu:24.04", "latest")
+
+
 # --- wheels ----------------------------------------------------------------------------------------
 
 
@@ -621,6 +715,35 @@ def test_branches_and_tags_resolve(server, git_remote):
     )
 
 
+def ls_remote(remote: Path) -> dict[str, str]:
+    out = subprocess.run(["git", "ls-remote", str(remote)], capture_output=True, text=True, check=True).stdout
+    return {name: commit for commit, name in (line.split("\t") for line in out.splitlines())}
+
+
+def test_refs_resolve_to_the_commit_a_clone_checks_out(server, git_remote):
+    """The commit the build holds its clone to: a branch's, a lightweight tag's, and for an annotated
+    tag the commit it points at (its peeled entry), not the tag object `git ls-remote` lists first."""
+    refs = ls_remote(git_remote)
+    assert refs["refs/tags/v0.20.0"] != refs["refs/tags/v0.20.0^{}"]  # annotated: the tag object differs
+    results = preflight(make_profile(server, git_remote))
+    assert result_for(results, "emsdk_ref").resolved == (("emsdk_ref", refs["refs/tags/3.1.56"]),)
+    assert result_for(results, "mlc_llm_ref").resolved == (("mlc_llm_ref", refs["refs/tags/v0.20.0^{}"]),)
+    assert f"({refs['refs/tags/v0.20.0^{}'][:12]})" in result_for(results, "mlc_llm_ref").message
+    branch = preflight(make_profile(server, git_remote, mlc_llm_ref="release"))
+    assert resolved_pins(branch)["mlc_llm_ref"] == refs["refs/heads/release"]
+    # what `git clone --branch v0.20.0` then checks out
+    clone = git_remote.parent / "clone-v0.20.0"
+    if not clone.exists():
+        git("clone", "--quiet", "--depth", "1", "--branch", "v0.20.0", git_remote.as_uri(), str(clone))
+    assert git("-C", str(clone), "rev-parse", "HEAD").strip() == resolved_pins(results)["mlc_llm_ref"]
+
+
+def test_a_ref_that_does_not_resolve_resolves_to_nothing(server, git_remote):
+    results = preflight(make_profile(server, git_remote, mlc_llm_ref="v0.20.1"))
+    assert "mlc_llm_ref" not in resolved_pins(results)
+    assert "emsdk_ref" in resolved_pins(results)
+
+
 def test_a_missing_git_ref_names_the_nearest(server, git_remote):
     result = result_for(preflight(make_profile(server, git_remote, mlc_llm_ref="v0.20.1")), "mlc_llm_ref")
     assert not result.ok
@@ -744,6 +867,21 @@ def test_the_build_stops_with_exit_2_naming_each_bad_pin(monkeypatch):
     )
     preflight_or_stop(resolve_profile("stable"), ["base"], said.append)
     assert said[-1].startswith("<== preflight: 1 checks passed")
+
+
+def test_the_build_gets_what_the_pins_resolved_to(monkeypatch):
+    digest, commit = "sha256:" + "d" * 64, "c" * 40
+    monkeypatch.setattr(
+        preflight_module,
+        "run_preflight",
+        lambda profile: [
+            PreflightResult(("base_image",), True, "ok", resolved=(("base_image", digest),)),
+            PreflightResult(("mlc_llm_repo", "mlc_llm_ref"), True, "ok", resolved=(("mlc_llm_ref", commit),)),
+            PreflightResult(("peft_requirement",), True, "ok"),
+        ],
+    )
+    resolved = preflight_or_stop(resolve_profile("stable"), ["base", "web-runtime"], [].append)
+    assert resolved == {"base_image": digest, "mlc_llm_ref": commit}
 
 
 # --- one CUDA major ------------------------------------------------------------------------------------

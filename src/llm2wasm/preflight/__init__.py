@@ -14,6 +14,10 @@ nearest things that do exist:
 - ``webllm_version`` / ``webllm_integrity``: the npm registry knows the version and its ``dist.integrity``
   is the pinned one.
 
+What a passing check resolved a pin to (the commit of each git ref, the base image's manifest digest) comes
+back with its result (``PreflightResult.resolved``; ``resolved_pins``), and the build pins itself to it: the
+layers get ``BASE_IMAGE=NAME:TAG@sha256:...``, ``EMSDK_COMMIT`` and ``MLC_LLM_COMMIT`` (llm2wasm.plan).
+
 Each URL is fetched once per run, the checks run concurrently, and an unreachable source is one
 "cannot reach" result rather than a traceback.
 
@@ -35,7 +39,15 @@ from ..pins import Profile
 from .fetching import HTTP_TIMEOUT, Fetcher, PreflightResult, SourceFailed, make_session, nearest_versions
 from .git import GIT_TIMEOUT, check_git_ref
 from .npm import check_webllm
-from .registry import DOCKER_MANIFEST, OCI_INDEX, check_base_image, parse_image_reference, wheel_arch
+from .registry import (
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    check_base_image,
+    manifest_digest,
+    parse_image_reference,
+    pinned_by_digest,
+    wheel_arch,
+)
 from .wheels import (
     MLC_WHEEL_PINS,
     PIP_PINS,
@@ -55,10 +67,13 @@ __all__ = [
     "PreflightResult",
     "for_layers",
     "format_results",
+    "manifest_digest",
     "nearest_versions",
     "parse_image_reference",
     "parse_pip_options",
+    "pinned_by_digest",
     "preflight_or_stop",
+    "resolved_pins",
     "run_preflight",
 ]
 
@@ -185,15 +200,22 @@ def for_layers(results: Iterable[PreflightResult], layer_names: Iterable[str]) -
     return [result for result in results if any(pin in wanted or pin not in used_by_some_layer for pin in result.pins)]
 
 
-def preflight_or_stop(profile: Profile, layer_names: Iterable[str], say: Callable[[str], None]) -> None:
-    """Run the preflight for a build; raise UsageError (exit 2) naming every pin that does not resolve."""
+def resolved_pins(results: Iterable[PreflightResult]) -> dict[str, str]:
+    """Pin -> what the checks that passed resolved it to (a commit, a digest)."""
+    return {pin: value for result in results if result.ok for pin, value in result.resolved}
+
+
+def preflight_or_stop(profile: Profile, layer_names: Iterable[str], say: Callable[[str], None]) -> dict[str, str]:
+    """Run the preflight for a build; raise UsageError (exit 2) naming every pin that does not resolve.
+    Returns what the pins resolved to (``resolved_pins``), for the build to pin itself to."""
     import time
 
     from ..errors import UsageError
 
     started = time.monotonic()
     say(f"==> preflight: do the remote pins of profile {profile.name} resolve? (skip: --no-preflight)")
-    results = for_layers(run_preflight(profile), layer_names)
+    everything = run_preflight(profile)
+    results = for_layers(everything, layer_names)
     text, healthy = format_results(results)
     if not healthy:
         raise UsageError(
@@ -201,3 +223,4 @@ def preflight_or_stop(profile: Profile, layer_names: Iterable[str], say: Callabl
             "Fix the pins (images/pins.toml or --set KEY=VALUE), or skip this check with --no-preflight."
         )
     say(f"<== preflight: {len(results)} checks passed in {time.monotonic() - started:.1f}s")
+    return resolved_pins(everything)

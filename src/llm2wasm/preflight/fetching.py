@@ -31,6 +31,10 @@ class PreflightResult:
     message: str
     fix: str = ""
     source: str = ""
+    # What a check that passed resolved a pin to, immutably: (pin, value) pairs, such as the commit a
+    # git ref is at or the registry digest of the base image. The build pins itself to these
+    # (llm2wasm.plan: the layers' *_COMMIT and BASE_IMAGE_DIGEST build arguments).
+    resolved: tuple[tuple[str, str], ...] = ()
 
 
 class SourceFailed(Exception):

@@ -49,6 +49,12 @@ def _git_refs(fetcher: Fetcher, git: str, repo: str, timeout: float) -> dict[str
     return fetcher.once(("git", git, repo), list_refs)
 
 
+def ref_commit(refs: dict[str, str], name: str) -> str:
+    """The commit a ref of `git ls-remote` names: for an annotated tag, the commit its peeled entry
+    (``NAME^{}``) names, not the tag object (what `git rev-parse HEAD` of a clone at it says)."""
+    return refs.get(name + "^{}") or refs.get(name) or ""
+
+
 def check_git_ref(
     fetcher: Fetcher, profile: Profile, repo_pin: str, ref_pin: str, git: str, timeout: float
 ) -> list[PreflightResult]:
@@ -56,9 +62,17 @@ def check_git_ref(
     repo, ref = str(profile.get(repo_pin) or ""), str(profile.get(ref_pin) or "")
     refs = _git_refs(fetcher, git, repo, timeout)
     for kind, prefix in (("branch", "refs/heads/"), ("tag", "refs/tags/")):
-        commit = refs.get(prefix + ref)
+        commit = ref_commit(refs, prefix + ref)
         if commit:
-            return [PreflightResult(pins, True, f"{ref_pin} {ref}: {kind} in {repo} ({commit[:12]})", source=repo)]
+            return [
+                PreflightResult(
+                    pins,
+                    True,
+                    f"{ref_pin} {ref}: {kind} in {repo} ({commit[:12]})",
+                    source=repo,
+                    resolved=((ref_pin, commit),),
+                )
+            ]
     if COMMIT_ID.fullmatch(ref):
         # The layers clone with `git clone --depth 1 --branch REF`, which takes tags and branches only.
         tagged = sorted(

@@ -1,11 +1,14 @@
 """Preflight of ``base_image``: the registry's v2 API (with an anonymous bearer token when the registry asks for
-one) says the tag or digest exists and, for a multi-platform image, has this host's linux platform."""
+one) says the tag or digest exists and, for a multi-platform image, has this host's linux platform; and which
+manifest digest it names now, which the build then pulls (``NAME:TAG@sha256:...``) and records in the base
+layer's labels."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlencode, urljoin
 
 from requests.utils import parse_header_links
@@ -22,6 +25,7 @@ MANIFEST_ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCK
 # Registries on the loopback interface serve plain http (Docker treats them as insecure by default).
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 MAX_TAG_PAGES = 50
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 # --- base image ------------------------------------------------------------------------------------
@@ -153,7 +157,24 @@ def check_base_image(fetcher: Fetcher, profile: Profile, machine: str) -> list[P
     page = _registry_get(fetcher, url, MANIFEST_ACCEPT)
 
     if page.status == 200:
-        return [_check_image_platform(pinned, where, page, docker_arch(machine))]
+        try:
+            digest = manifest_digest(page.body, page.headers.get("Docker-Content-Digest", ""), page.truncated)
+            if image.is_digest and digest != image.reference:
+                raise ValueError(f"the registry answered a manifest whose digest is {digest}, not the pinned one")
+        except ValueError as exc:
+            return [
+                PreflightResult(
+                    pins,
+                    False,
+                    f"base_image {pinned}: {exc} ({url})",
+                    "check the registry (a proxy that rewrites manifests?), or pin another source",
+                    url,
+                )
+            ]
+        result = _check_image_platform(pinned, where, page, docker_arch(machine))
+        if not result.ok:
+            return [result]
+        return [replace(result, message=f"{result.message}, {digest}", resolved=((pins[0], digest),))]
     no_repository = PreflightResult(
         pins,
         False,
@@ -183,6 +204,33 @@ def check_base_image(fetcher: Fetcher, profile: Profile, machine: str) -> list[P
     hint = f"nearest: {', '.join(nearest)}" if nearest else f"{len(existing)} tags exist, none similar"
     fix = f"pin an existing tag: --set base_image={image.written_name}:{nearest[0]}" if nearest else ""
     return [PreflightResult(pins, False, f"base_image {pinned}: no such tag in {where}; {hint}", fix, url)]
+
+
+def manifest_digest(body: bytes, header: str = "", truncated: bool = False) -> str:
+    """The digest of a manifest as the registry served it: sha256 of its bytes (what `docker pull
+    NAME@DIGEST` fetches and checks). For an image index (a multi-platform image) that is the index's
+    digest; Docker picks the platform from it as it does from a tag. The registry's Docker-Content-Digest
+    header, when it sends one, must agree. ValueError when it cannot be known or the two disagree."""
+    header = header.strip()
+    if truncated:
+        raise ValueError("the manifest is too large to compute its digest")
+    computed = "sha256:" + hashlib.sha256(body).hexdigest()
+    if header.startswith("sha256:") and header != computed:
+        raise ValueError(
+            f"the registry's Docker-Content-Digest {header} is not the sha256 of the manifest it sent ({computed})"
+        )
+    return computed
+
+
+def pinned_by_digest(base_image: str, digest: str) -> str:
+    """'ubuntu:24.04' + 'sha256:ab..' -> 'ubuntu:24.04@sha256:ab..' (Docker pulls by the digest; the
+    tag stays for people to read). A pin that names a digest already, or no digest, is left as is."""
+    base_image = base_image.strip()
+    if not digest or "@" in base_image:
+        return base_image
+    if not DIGEST.fullmatch(digest):
+        raise ValueError(f"not a sha256 digest: {digest!r}")
+    return f"{base_image}@{digest}"
 
 
 def _check_image_platform(pinned: str, where: str, page: Page, arch: str) -> PreflightResult:
