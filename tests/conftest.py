@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,30 @@ from llm2wasm import docker
 ROOT = Path(__file__).resolve().parents[1]
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 HERMETIC = "hermetic"
+
+
+_MODULE_TIMES: dict[str, list[float]] = {}  # test file -> [first start, last finish] (wall clock)
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _MODULE_TIMES.setdefault(location[0], [time.monotonic(), time.monotonic()])
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _MODULE_TIMES[location[0]][1] = time.monotonic()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Where a run's time goes, a line per test file (its module fixtures included: a shared
+    session fixture, such as the hermetic chain's build, counts in the first file that uses it)."""
+    if not _MODULE_TIMES:
+        return
+    terminalreporter.section("time per test file")
+    unit = sum(end - start for path, (start, end) in _MODULE_TIMES.items() if "integration" not in path)
+    terminalreporter.write_line(f"{unit:8.1f}s  unit tests together")
+    for path, (start, end) in _MODULE_TIMES.items():
+        if "integration" in path:
+            terminalreporter.write_line(f"{end - start:8.1f}s  {path}")
 
 
 def pytest_collection_modifyitems(items):
