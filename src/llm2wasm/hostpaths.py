@@ -50,3 +50,12 @@ def show_host_paths_on_stderr() -> None:
     mapping = host_paths()
     if mapping and not isinstance(sys.stderr, HostPathStream):
         sys.stderr = HostPathStream(sys.stderr, mapping)
+
+
+def show_as(local: str, shown: str) -> None:
+    """From now on show `local` as `shown` on stderr: the converter reads a model through a view
+    folder of its own (llm2wasm.convert.inputfiles), but its messages name the user's folder."""
+    if isinstance(sys.stderr, HostPathStream):
+        sys.stderr._mapping = {**sys.stderr._mapping, local: shown}
+    else:
+        sys.stderr = HostPathStream(sys.stderr, {local: shown})

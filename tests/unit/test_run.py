@@ -152,3 +152,16 @@ def test_a_stopped_engine_is_not_a_missing_image(monkeypatch):
         run_module.docker, "run", lambda args, **kw: CompletedProcess(args, 1, "", "Error: No such image: x")
     )
     assert run_module.docker.image_id("x") is None
+
+
+def test_a_view_folder_is_shown_as_the_users_folder(monkeypatch, capsys):
+    """The converter reads through a view of its own; its messages name the user's folder, and the
+    container's mount point is then shown as the host's path as before."""
+    from llm2wasm import hostpaths
+
+    monkeypatch.setenv(hostpaths.HOST_PATHS_VARIABLE, json.dumps({"/input/model": "/home/u/my-model"}))
+    monkeypatch.setattr(hostpaths.sys, "stderr", hostpaths.sys.stderr)
+    hostpaths.show_host_paths_on_stderr()
+    hostpaths.show_as("/tmp/llm2wasm-inputs-x/model", "/input/model")
+    print("cannot read /tmp/llm2wasm-inputs-x/model/config.json", file=hostpaths.sys.stderr)
+    assert capsys.readouterr().err == "cannot read /home/u/my-model/config.json\n"

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import UsageError
+from ..hostpaths import show_as
 from .chat import choose, has_chat_template, render_mlc_templates, render_model_template, stop_token_ids, tokenizer_dir
 from .device import choose_device, is_out_of_memory
 from .hfconfig import HfView, ModelConfigAdapter, longrope_beyond_original_context, parity_mismatches
@@ -486,8 +487,10 @@ def run_convert(args) -> int:
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     with tempfile.TemporaryDirectory(prefix="llm2wasm-inputs-") as views:
         request.model_view = request.model_files.view(Path(views) / "model")
+        show_as(str(request.model_view), str(request.model_dir))
         if request.adapter_files is not None:
             request.adapter_view = request.adapter_files.view(Path(views) / "adapter")
+            show_as(str(request.adapter_view), str(request.adapter))
         return convert_request(request, names)
 
 
