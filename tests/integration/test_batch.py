@@ -155,12 +155,14 @@ def container_of_run(run_id: str) -> str | None:
 
 
 def test_a_rerun_after_a_killed_item_reports_it_failed_and_the_next_run_converts_it(batch_dir, first_run, tmp_path):
-    # item 0 finished ok before (its record and complete bundle are kept); only its steps are gone,
-    # so this run converts it for a minute, long enough to kill its container part-way
+    # item 0 finished ok before (its record and complete bundle are kept); only its finished steps
+    # are forgotten (the folder stays an llm2wasm bundle, so convert resumes it rather than refusing
+    # a foreign folder), so this run converts it for a minute, long enough to kill it part-way
     out, _, _ = first_run
     again = tmp_path / "out"
     shutil.copytree(out, again, symlinks=True)
-    shutil.rmtree(again / ITEMS[0] / ".llm2wasm")
+    state_path = again / ITEMS[0] / ".llm2wasm" / "state.json"
+    state_path.write_text(json.dumps({**json.loads(state_path.read_text()), "steps": {}}))
     assert json.loads((again / ".batch" / "item-0.json").read_text())["status"] == "ok"
     command = [
         *INVOKE,
