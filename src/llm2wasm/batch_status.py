@@ -100,14 +100,14 @@ def read_status(output: Path, index: int) -> dict | None:
 
 def run_item(spec: BatchSpec, index: int, output: Path) -> int:
     """Convert one item with `llm2wasm convert`; its outcome goes to OUT/.batch/item-N.json."""
-    from .cli import main as llm2wasm
+    from .convert.command import convert_main
 
     item = spec.item(index)
     print(f"llm2wasm batch: item {index} of {len(spec.items)}: {item.model_id}", file=sys.stderr, flush=True)
     running = mark_running(output, spec, item, os.environ.get(RUN_ID_VARIABLE))
     started = time.monotonic()
     try:
-        code = llm2wasm(["convert", *item.convert_argv(spec.root, output, spec.base_url)])
+        code = convert_main(item.convert_argv(spec.root, output, spec.base_url))
     except BaseException as error:  # an argparse exit or a crash: recorded, not left as an interruption
         mark_finished(output, running, "failed", 1, time.monotonic() - started, f"{type(error).__name__}: {error}")
         raise

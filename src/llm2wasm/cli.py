@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from . import __version__
-from .errors import UsageError
+from .errors import exit_status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,14 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    try:
-        return int(args.run(args) or 0)
-    except UsageError as error:
-        print(f"llm2wasm: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("llm2wasm: interrupted; a re-run resumes after the last finished step", file=sys.stderr)
-        return 130
+    return exit_status(lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from llm2wasm import batch_status, cli
+from llm2wasm import batch_status
 from llm2wasm.batch import collect, load_spec, outcomes, parse_spec, table
 from llm2wasm.batch_status import mark_finished, mark_running, read_status, run_item, settings_digest, status_path
+from llm2wasm.cli import build_parser
+from llm2wasm.cli import main as llm2wasm
+from llm2wasm.convert import command
 from llm2wasm.convert.bundle import write_bundle
+from llm2wasm.errors import UsageError
 from tests.unit.test_convert_bundle import bundle_request, fake_work
 
 SPEC = '[[model]]\npath = "models/m"\nquantizations = ["q4f16_1", "q0f32"]\ncontext_window = 2048\n'
@@ -119,11 +123,11 @@ def test_the_item_command_marks_the_item_running_before_it_converts(spec_dir, tm
 
     def convert(argv):
         seen.append(read_status(out, 0))
-        assert argv[0] == "convert" and "--model-id" in argv
+        assert argv[0] == str(spec.root / spec.items[0].path) and "--model-id" in argv
         make_bundle(out, spec, spec.items[0], tmp_path / "work2")
         return 0
 
-    monkeypatch.setattr(cli, "main", convert)
+    monkeypatch.setattr(command, "convert_main", convert)
     assert run_item(spec, 0, out) == 0
     assert seen[0]["status"] == "running" and seen[0]["run_id"] == "from-the-host"
     assert seen[0]["settings"] == settings_digest(spec, spec.items[0])
@@ -142,7 +146,7 @@ def test_the_item_command_marks_the_item_running_before_it_converts(spec_dir, tm
 def test_the_item_command_records_a_failure(spec_dir, tmp_path, monkeypatch, convert, code, reason):
     spec, out = load_spec(spec_dir / "models.toml"), tmp_path / "out"
     monkeypatch.delenv(batch_status.RUN_ID_VARIABLE, raising=False)
-    monkeypatch.setattr(cli, "main", convert)
+    monkeypatch.setattr(command, "convert_main", convert)
     assert run_item(spec, 1, out) == code
     record = read_status(out, 1)
     assert record["status"] == "failed" and record["exit_code"] == code and record.get("reason") == reason
@@ -156,11 +160,35 @@ def test_the_item_command_records_a_crash_and_lets_it_through(spec_dir, tmp_path
     def convert(argv):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(cli, "main", convert)
+    monkeypatch.setattr(command, "convert_main", convert)
     with pytest.raises(RuntimeError, match="boom"):
         run_item(spec, 0, out)
     assert read_status(out, 0)["reason"] == "RuntimeError: boom"
     assert statuses(spec, out)[0] == ("failed", "RuntimeError: boom")
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "said"),
+    [
+        (UsageError("no such model"), 2, "llm2wasm: error: no such model\n"),
+        (KeyboardInterrupt(), 130, "llm2wasm: interrupted; a re-run resumes after the last finished step\n"),
+    ],
+)
+def test_the_item_command_converts_as_llm2wasm_convert_does(monkeypatch, capsys, raised, code, said):
+    """run_item converts through convert_main, not llm2wasm.cli (which imports this module's callers):
+    the same parser, messages and exit status as `llm2wasm convert`."""
+    convert_step = next(action for action in build_parser()._actions if action.dest == "command").choices["convert"]
+    assert command.convert_parser().format_help() == convert_step.format_help()
+
+    def fail(args):
+        raise raised
+
+    monkeypatch.setattr(command, "_run_convert", fail)
+    argv = ["models/m", "--quantization", "q4f16_1", "--output", "out"]
+    assert command.convert_main(argv) == code
+    assert capsys.readouterr().err == said
+    assert llm2wasm(["convert", *argv]) == code
+    assert capsys.readouterr().err == said
 
 
 def test_only_ok_or_failed_finish_an_item(spec_dir, tmp_path):

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from llm2wasm import batchrun, cli, docker
+from llm2wasm import batchrun, docker
 from llm2wasm.batch import load_spec, parse_spec
 from llm2wasm.batch_status import RUN_ID_VARIABLE, mark_running, read_status, run_item
+from llm2wasm.convert import command
 from llm2wasm.errors import UsageError
 from tests.unit.test_batch_status import make_bundle
 
@@ -105,7 +106,11 @@ def containers(spec_dir, tmp_path, monkeypatch):
             mark_running(out, in_container, item, passed[RUN_ID_VARIABLE])
             return subprocess.CompletedProcess(cmd, 137)
         monkeypatch.setenv(RUN_ID_VARIABLE, passed[RUN_ID_VARIABLE])
-        monkeypatch.setattr(cli, "main", lambda argv: make_bundle(out, in_container, item, tmp_path / "work") or 0)
+
+        def convert(argv):
+            return make_bundle(out, in_container, item, tmp_path / "work") or 0
+
+        monkeypatch.setattr(command, "convert_main", convert)
         return subprocess.CompletedProcess(cmd, run_item(in_container, index, out))
 
     monkeypatch.setattr(batchrun.subprocess, "run", fake_run)

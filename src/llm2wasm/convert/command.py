@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import exit_status
 from .inputs import DEFAULT_LINK_OPT, LINK_OPT_LEVELS
 
 
@@ -54,6 +55,24 @@ def add_selftest_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=_run_selftest)
 
 
+def convert_parser() -> argparse.ArgumentParser:
+    """The parser of `llm2wasm convert` alone: the one llm2wasm.cli adds as its `convert` step."""
+    parser = argparse.ArgumentParser(prog="llm2wasm convert")
+    add_convert_arguments(parser)
+    return parser
+
+
+def convert_main(argv: list[str]) -> int:
+    """`llm2wasm convert ARGV...` run in this process as llm2wasm.cli.main runs it: same arguments,
+    messages and exit status. For what cli itself reaches (a batch item, the selftest), which so
+    need not import cli back."""
+    from ..hostpaths import show_host_paths_on_stderr
+
+    show_host_paths_on_stderr()
+    args = convert_parser().parse_args(argv)
+    return exit_status(lambda: args.run(args))
+
+
 def _run_convert(args: argparse.Namespace) -> int:
     from .pipeline import run_convert
 
@@ -63,4 +82,4 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _run_selftest(args: argparse.Namespace) -> int:
     from .selftest import run_selftest
 
-    return run_selftest(args)
+    return run_selftest(args, convert=convert_main)

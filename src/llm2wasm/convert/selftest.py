@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import UsageError
@@ -115,8 +116,9 @@ def check_bundle(out: Path, model_id: str, num_layers: int) -> None:
     check_library(out / "lib" / f"{model_id}.wasm")
 
 
-def run_selftest(args: argparse.Namespace) -> int:
-    from ..cli import main as cli_main
+def run_selftest(args: argparse.Namespace, convert: Callable[[list[str]], int]) -> int:
+    """`convert` runs `llm2wasm convert` (llm2wasm.convert.command.convert_main, passed in: that
+    module runs this one)."""
     from .tiny import make_lora_adapter, make_tiny_llama
 
     started = time.monotonic()
@@ -128,9 +130,8 @@ def run_selftest(args: argparse.Namespace) -> int:
         model = make_tiny_llama(workdir / "tiny-llama")
         adapter = make_lora_adapter(model, workdir / "tiny-lora")
         out = workdir / "bundle"
-        status = cli_main(
+        status = convert(
             [
-                "convert",
                 str(model),
                 "--adapter",
                 str(adapter),
