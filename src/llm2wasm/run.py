@@ -32,6 +32,19 @@ CONTAINER_OUTPUT_ROOT = "/output"
 CONVERSION_PIDS_LIMIT = 4096
 # What `docker stop` gives the converter to end its steps before it is killed.
 STOP_GRACE_SECONDS = 10
+# What a conversion's container may not take of the machine's memory: enough for the host to stay
+# responsive, so running out kills the conversion (exit 137, said so) and nothing else.
+HOST_MEMORY_RESERVE = 2**30
+MIN_MEMORY_LIMIT = 2 * 2**30
+
+
+def default_memory_limit() -> int | None:
+    """The machine's memory less a reserve for the host (None where it cannot be read)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return max(MIN_MEMORY_LIMIT, total - HOST_MEMORY_RESERVE)
 
 
 @dataclass
@@ -68,13 +81,17 @@ def conversion_container(
     """The start of every `docker run` a conversion runs in (`invoke convert`, each `invoke batch`
     item): as the calling user (uid:gid), so the files it writes are theirs; without network and
     without secrets; with the least it needs (no capabilities: it only reads and writes files as
-    that user; no setuid escalation; a bound on processes); under tini (`--init`), so a stop reaches
+    that user; no setuid escalation; a bound on processes and on memory, short of the machine's);
+    under tini (`--init`), so a stop reaches
     the converter and its children; the given (host folder, container path, read-only) mounts; the
     host paths the container's messages show in place of its own (llm2wasm.hostpaths); the GPU when
     asked (the NVIDIA runtime adds its devices itself, capabilities or not)."""
     cmd = [docker.docker_bin(), "run", "--rm", "--init", "--user", user or f"{os.getuid()}:{os.getgid()}"]
     cmd += ["--network", "none", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
     cmd += ["--pids-limit", str(CONVERSION_PIDS_LIMIT)]
+    memory = default_memory_limit()
+    if memory is not None:  # the same as swap: a conversion that does not fit fails, it does not thrash
+        cmd += ["--memory", str(memory), "--memory-swap", str(memory)]
     for host, container, read_only in mounts:
         cmd += bind_mount(host, container, read_only)
     cmd += ["-e", f"{HOST_PATHS_VARIABLE}={json.dumps(shown)}", "-e", f"{HOST_PID_VARIABLE}={os.getpid()}"]
@@ -162,7 +179,15 @@ def run_convert_job(job: ConvertJob) -> int:
         raise UsageError(f"cannot create output folder {job.output}: {error.strerror}; choose another") from None
     print(f"llm2wasm: converting in {job.image} {where}", file=sys.stderr)
     status = run_stoppable(cmd, name)
-    if status == 130:
+    if status == 137:
+        limit = default_memory_limit()
+        print(
+            "llm2wasm: the conversion was killed (exit 137): out of memory"
+            + (f" (its container may use {limit / 2**30:.1f} GiB, this machine's memory less 1 GiB)" if limit else "")
+            + " or by `docker kill`. Finished steps are kept: re-run to resume, with fewer conversions at once",
+            file=sys.stderr,
+        )
+    elif status == 130:
         print("llm2wasm: stopped; finished steps are kept: re-run the same command to resume", file=sys.stderr)
     elif status == 2 and created:
         # bad input: the container wrote nothing, so leave nothing behind either

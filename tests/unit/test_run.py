@@ -165,3 +165,14 @@ def test_a_view_folder_is_shown_as_the_users_folder(monkeypatch, capsys):
     hostpaths.show_as("/tmp/llm2wasm-inputs-x/model", "/input/model")
     print("cannot read /tmp/llm2wasm-inputs-x/model/config.json", file=hostpaths.sys.stderr)
     assert capsys.readouterr().err == "cannot read /home/u/my-model/config.json\n"
+
+
+def test_a_conversion_cannot_take_all_of_the_machines_memory(tmp_path, model, image_present):
+    """Running out kills the conversion's container (exit 137), not the host's other processes."""
+    cmd, _ = docker_command(
+        ConvertJob(image="img", model_dir=model, output=tmp_path / "o", quantization="q", gpu=False)
+    )
+    head = cmd[: cmd.index("img")]
+    total = run_module.os.sysconf("SC_PAGE_SIZE") * run_module.os.sysconf("SC_PHYS_PAGES")
+    limit = int(head[head.index("--memory") + 1])
+    assert limit == max(2 * 2**30, total - 2**30) and head[head.index("--memory-swap") + 1] == str(limit)
