@@ -13,37 +13,8 @@ from llm2wasm import batch
 from llm2wasm.batch import collect, item_index, load_spec, matrix, parse_spec
 from llm2wasm.cli import main as llm2wasm
 from llm2wasm.errors import UsageError
+from tests.unit.conftest import SPEC
 from tests.unit.test_batch_status import finished
-
-SPEC = """
-base_url = "https://models.example.com/webllm"
-
-[defaults]
-quantizations = ["q4f16_1"]
-context_window = 2048
-
-[[model]]
-path = "models/qwen"
-adapter = "adapters/support"
-quantizations = ["q4f16_1", "q0f32"]
-conv_template = "chatml"
-model_id = "qwen-support"
-resources = { cpu = "4", memory = "16Gi" }
-
-[[model]]
-path = "models/llama"
-prefill_chunk_size = 1024
-link_opt = "O3"
-resources = { cpu = "2", memory = "24Gi", gpu = 1 }
-"""
-
-
-@pytest.fixture
-def spec_dir(tmp_path) -> Path:
-    for folder in ("models/qwen", "models/llama", "adapters/support"):
-        (tmp_path / folder).mkdir(parents=True)
-    (tmp_path / "models.toml").write_text(SPEC)
-    return tmp_path
 
 
 def problems_of(text: str, root: Path) -> str:

@@ -4,8 +4,6 @@ writable root (emsdk fills its cache) and the models read-only; every field one 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
@@ -13,15 +11,7 @@ from llm2wasm import batch_k8s
 from llm2wasm.batch import kubernetes_manifests, load_spec, to_yaml
 from llm2wasm.cli import main as llm2wasm
 from llm2wasm.errors import UsageError
-from tests.unit.test_batch import SPEC
-
-
-@pytest.fixture
-def spec_dir(tmp_path) -> Path:
-    for folder in ("models/qwen", "models/llama", "adapters/support"):
-        (tmp_path / folder).mkdir(parents=True)
-    (tmp_path / "models.toml").write_text(SPEC)
-    return tmp_path
+from tests.unit.conftest import SPEC
 
 
 def manifests(spec_dir) -> list[dict]:
