@@ -39,7 +39,7 @@ from .device import choose_device, is_out_of_memory
 from .hfconfig import HfView, ModelConfigAdapter, longrope_beyond_original_context, parity_mismatches
 from .inputs import ConvertRequest, build_request, fingerprint, guess_template, warn
 from .mlc import installed_names, mlc_command, parse_memory, python_executable
-from .outputlock import OWNER_FILE, output_lock
+from .outputlock import output_lock
 from .toolchain import Toolchain, changes, installed_toolchain
 
 STATE_DIR = ".llm2wasm"
@@ -527,14 +527,11 @@ def convert_request(request: ConvertRequest, names) -> int:
 
 def convert_locked(request: ConvertRequest, converter: Converter, identity: dict) -> int:
     if request.force and request.output.exists():
-        # Replace what is there; of an earlier bundle keep only the finished steps (.llm2wasm/):
-        # their keys decide what is redone.
-        keep = {STATE_DIR} if is_previous_bundle(request.output) else set()
-        keep.add(OWNER_FILE.parts[0])
+        # Replace what is there but .llm2wasm/: an earlier bundle's finished steps (their keys
+        # decide what is redone) and the lock's owner record, which the lock has just written.
         for entry in request.output.iterdir():
-            if entry.name in keep:
-                continue
-            remove(entry)
+            if entry.name != STATE_DIR:
+                remove(entry)
     started = time.monotonic()
     converter.ws.state["request"] = identity
     try:
