@@ -78,10 +78,10 @@ def build(
     """Build the layer graph; each layer is verified (testinfra) before any layer built on it.
 
     The final image counts as verified only after a real conversion in it (`llm2wasm selftest`)."""
-    from llm2wasm.build import Reporter, build_plan
-    from llm2wasm.pins import resolve_profile
-    from llm2wasm.plan import make_plan
-    from llm2wasm.report import build_report, write_report
+    from llm2wasm.host.build import Reporter, build_plan
+    from llm2wasm.host.pins import resolve_profile
+    from llm2wasm.host.plan import make_plan
+    from llm2wasm.host.report import build_report, write_report
 
     if report and Path(report).suffix not in (".md", ".json"):
         raise UsageError(f"--report {report}: name a .md or .json file")
@@ -101,7 +101,7 @@ def build(
     if no_preflight:
         reporter.say(f"==> {plan.unpinned_note()}")
     else:
-        from llm2wasm.preflight import preflight_or_stop
+        from llm2wasm.host.preflight import preflight_or_stop
 
         resolved = preflight_or_stop(plan.profile, [step.layer.name for step in plan.steps], reporter.say)
         plan = plan.with_resolved(resolved)
@@ -134,9 +134,9 @@ def verify(
     c, profile="stable", layer=None, set_=None, own_only=False, full=False, repository="llm2wasm", selftest=False
 ):
     """Run the testinfra checks on built images, on demand."""
-    from llm2wasm.pins import resolve_profile
-    from llm2wasm.state import STATE_DIR
-    from llm2wasm.verify import run_selftest, selftest_tag, verify_built
+    from llm2wasm.host.pins import resolve_profile
+    from llm2wasm.host.state import STATE_DIR
+    from llm2wasm.host.verify import run_selftest, selftest_tag, verify_built
 
     failed = []
     resolved = resolve_profile(profile, set_ or [])
@@ -207,8 +207,8 @@ def convert(
     link_opt=None,
 ):
     """Convert a model (and optional PEFT adapter) into a WebLLM bundle, in the built image."""
-    from llm2wasm.layers import FINAL_LAYER, get_layer
-    from llm2wasm.run import ConvertJob, run_convert_job
+    from llm2wasm.host.layers import FINAL_LAYER, get_layer
+    from llm2wasm.host.run import ConvertJob, run_convert_job
 
     if not quantization or not output:
         raise UsageError(
@@ -273,28 +273,29 @@ def batch(
     cpu=False,
 ):
     """Convert every item of a batch spec in the built image, a few at a time; one app config for all."""
-    from llm2wasm import batch as batch_spec
-    from llm2wasm.layers import FINAL_LAYER, get_layer
+    from llm2wasm.host.layers import FINAL_LAYER, get_layer
+    from llm2wasm.image.batch import github, k8s, status
+    from llm2wasm.image.batch.spec import load_spec
 
     image = image or get_layer(FINAL_LAYER).tag(profile)
     if matrix or k8s:
-        loaded = batch_spec.load_spec(Path(spec), check_paths=False)
+        loaded = load_spec(Path(spec), check_paths=False)
         if matrix:
-            print(json.dumps(batch_spec.matrix(loaded)))
+            print(json.dumps(github.matrix(loaded)))
         else:
-            documents = batch_spec.kubernetes_manifests(
+            documents = k8s.kubernetes_manifests(
                 loaded, Path(spec).read_text(), image=image, claim=claim, parallelism=int(parallelism)
             )
-            print(batch_spec.to_yaml(documents), end="")
+            print(k8s.to_yaml(documents), end="")
         return
     if not output:
         raise UsageError("batch needs --output (-o): invoke batch models.toml -o OUT")
-    from llm2wasm.batchrun import run_batch
+    from llm2wasm.host.batchrun import run_batch
 
     results = run_batch(
         Path(spec), Path(output), image, jobs=None if jobs is None else int(jobs), gpu=False if cpu else None
     )
-    print(batch_spec.table(results))
+    print(status.table(results))
     succeeded = [outcome for outcome in results if outcome.status == "ok"]
     print(f"{len(succeeded)} of {len(results)} bundle(s) in {Path(output) / 'app-config.json'}", file=sys.stderr)
     if len(succeeded) < len(results):
@@ -317,8 +318,8 @@ def batch(
 @friendly
 def preview(c, bundle, port=8000, host="127.0.0.1", profile="stable", image=None, public_url=None):
     """Serve a bundle with a chat page that runs it in WebLLM (in the built image); open the printed URL."""
-    from llm2wasm.layers import FINAL_LAYER, get_layer
-    from llm2wasm.run import PreviewJob, run_preview_job
+    from llm2wasm.host.layers import FINAL_LAYER, get_layer
+    from llm2wasm.host.run import PreviewJob, run_preview_job
 
     job = PreviewJob(
         image=image or get_layer(FINAL_LAYER).tag(profile),
@@ -345,9 +346,9 @@ def publish(c, to, profile="stable", set_=None, no_push=False, repository="llm2w
     """Tag the verified final image from its contents (python, mlc-llm, emsdk, commit, date) and push it."""
     import time
 
-    from llm2wasm.pins import resolve_profile
-    from llm2wasm.plan import git_revision
-    from llm2wasm.publish import publish as publish_image
+    from llm2wasm.host.pins import resolve_profile
+    from llm2wasm.host.plan import git_revision
+    from llm2wasm.host.publish import publish as publish_image
 
     revision, _ = git_revision()
     refs = publish_image(
@@ -372,14 +373,14 @@ def publish(c, to, profile="stable", set_=None, no_push=False, repository="llm2w
 def doctor(c, profile=None, set_=None):
     """Check this host (docker CLI, engine, buildx, NVIDIA runtime, free disk) and, with --profile, the
     profile's remote pins (the preflight `invoke build` runs first); each problem with its fix."""
-    from llm2wasm.doctor import check_host, report
+    from llm2wasm.host.doctor import check_host, report
 
     text, healthy = report(check_host(ROOT))
     print(text)
     pins_resolve = True
     if profile:
-        from llm2wasm.pins import resolve_profile
-        from llm2wasm.preflight import format_results, run_preflight
+        from llm2wasm.host.pins import resolve_profile
+        from llm2wasm.host.preflight import format_results, run_preflight
 
         print(f"pins of profile {profile}:")
         pins_text, pins_resolve = format_results(run_preflight(resolve_profile(profile, set_ or [])))
@@ -396,11 +397,11 @@ def clean(c, profile=None):
     and verification records."""
     import shutil
 
-    from llm2wasm import docker
-    from llm2wasm.build import failed_tag
-    from llm2wasm.layers import LAYERS
-    from llm2wasm.pins import profile_names
-    from llm2wasm.state import STATE_DIR
+    from llm2wasm.host import docker
+    from llm2wasm.host.build import failed_tag
+    from llm2wasm.host.layers import LAYERS
+    from llm2wasm.host.pins import profile_names
+    from llm2wasm.host.state import STATE_DIR
 
     for name in [profile] if profile else profile_names():
         for layer in LAYERS:
@@ -413,7 +414,7 @@ def clean(c, profile=None):
 @task(help={"json": "print the registry as JSON (what CI reads)"})
 def layers(c, json=False):
     """List the layers in build order."""
-    from llm2wasm.layers import LAYERS, registry_json
+    from llm2wasm.host.layers import LAYERS, registry_json
 
     if json:
         print(registry_json())
@@ -425,7 +426,7 @@ def layers(c, json=False):
 @task
 def lint(c):
     """ruff on the code and hadolint on every Dockerfile (the workflows are checked in tests/unit)."""
-    from llm2wasm.layers import LAYERS
+    from llm2wasm.host.layers import LAYERS
 
     tools = Path(sys.executable).parent  # the venv's own tools, activated or not
     c.run(f"{sys.executable} -m ruff check .")
@@ -462,8 +463,8 @@ def browser_check(c, profile="stable", image=None, keep=None, summary=None, scre
     reports an error."""
     import tempfile
 
-    from llm2wasm.browsercheck import BrowserCheckFailed, browser_check, summary_markdown
-    from llm2wasm.layers import FINAL_LAYER, get_layer
+    from llm2wasm.host.browsercheck import BrowserCheckFailed, browser_check, summary_markdown
+    from llm2wasm.host.layers import FINAL_LAYER, get_layer
 
     image = image or get_layer(FINAL_LAYER).tag(profile)
     with tempfile.TemporaryDirectory(prefix="llm2wasm-browser-check-") as tmp:

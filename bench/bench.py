@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests" / "hermetic"))
 
 import mirror  # noqa: E402
 
-from llm2wasm.pins import resolve_profile  # noqa: E402
+from llm2wasm.host.pins import resolve_profile  # noqa: E402
 
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 
@@ -203,7 +203,7 @@ def link_rows(image: str) -> list[str]:
     runtime bitcode, compiled again at every link, at -O3: LLM2WASM_WASM_RUNTIME_DIR pointed at a
     folder holding only the .bc files). Its time, and whether the default's library is equivalent to
     the old one (same exports and imports, size within 10 %). Each twice, alternating, the faster counts."""
-    from llm2wasm.convert.wasm_lib import inspect_library
+    from llm2wasm.image.convert.wasm_lib import inspect_library
 
     work = Path(tempfile.mkdtemp(prefix="llm2wasm-bench-"))
     user = f"{os.getuid()}:{os.getgid()}"
@@ -287,14 +287,14 @@ def browser(image: str) -> list[str]:
     """The tiny q0f32 bundle in the preview page, headless Chromium on the CPU (SwiftShader): load time,
     time to the first token and decode rate, for a fresh browser page and a second page in it."""
     sys.path.insert(0, str(ROOT))
-    from llm2wasm.browser import run_preview_page
-    from llm2wasm.run import PreviewJob, preview_command
+    from llm2wasm.host.browser import run_preview_page
+    from llm2wasm.host.run import PreviewJob, preview_command
 
     work = Path(tempfile.mkdtemp(prefix="llm2wasm-bench-browser-"))
     user = f"{os.getuid()}:{os.getgid()}"
     base = ["docker", "run", "--rm", "--network", "none", "--user", user, "-v", f"{work}:/w"]
     script = (
-        "import json; from pathlib import Path; from llm2wasm.convert.tiny import make_browser_check_model; "
+        "import json; from pathlib import Path; from llm2wasm.image.convert.tiny import make_browser_check_model; "
         "Path('/w/ref.json').write_text(json.dumps(make_browser_check_model(Path('/w/model'))))"
     )
     timed([*base, "--entrypoint", "python", image, "-c", script])
@@ -339,7 +339,7 @@ def matrix_rows(image: str) -> list[str]:
     base = ["docker", "run", "--rm", "--network", "none", "--user", user, "-v", f"{work}:/w"]
     for name in MATRIX:
         script = (
-            "from pathlib import Path; from llm2wasm.convert.tiny import make_browser_check_model; "
+            "from pathlib import Path; from llm2wasm.image.convert.tiny import make_browser_check_model; "
             f"make_browser_check_model(Path('/w/{name}'), architecture={name!r})"
         )
         timed([*base, "--entrypoint", "python", image, "-c", script])

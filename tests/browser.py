@@ -1,11 +1,11 @@
-"""The browser helpers of llm2wasm.browser for the tests: the preview runs in the hermetic app image."""
+"""The browser helpers of llm2wasm.host.browser for the tests: the preview runs in the hermetic app image."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from llm2wasm import browser
-from llm2wasm.browser import chromium_path, free_port, run_preview_page
+from llm2wasm.host import browser
+from llm2wasm.host.browser import chromium_path, free_port, run_preview_page
 from tests.conftest import app_image
 
 __all__ = ["chromium_path", "free_port", "run_preview_page", "start_preview"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llm2wasm import docker
+from llm2wasm.host import docker
 
 ROOT = Path(__file__).resolve().parents[1]
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]

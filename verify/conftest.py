@@ -15,8 +15,8 @@ import testinfra
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from llm2wasm.checks import BUILT_FROM, env_dict, parse_built_from
-from llm2wasm.pins import Profile
+from llm2wasm.host.checks import BUILT_FROM, env_dict, parse_built_from
+from llm2wasm.host.pins import Profile
 
 
 def pytest_addoption(parser):

@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 
 import llm2wasm
-from llm2wasm.convert.bundle import model_record
-from llm2wasm.convert.inputs import ConvertRequest
-from llm2wasm.convert.webllm_types import interface_fields
+from llm2wasm.image.convert.bundle import model_record
+from llm2wasm.image.convert.inputs import ConvertRequest
+from llm2wasm.image.convert.webllm_types import interface_fields
 
 
 def test_llm2wasm_command(host):
@@ -78,7 +78,7 @@ def test_app_config_follows_the_shipped_webllms_types(host, image_env):
 
 def test_wgsl_validator_rejects_the_defect_and_accepts_the_repair(exec_):
     # the validator every compiled library goes through; its self-check includes a kernel it must reject
-    result = exec_("python", "-m", "llm2wasm.convert.wgsl", "--self-check")
+    result = exec_("python", "-m", "llm2wasm.image.convert.wgsl", "--self-check")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WGSL validator self-check passed" in result.stdout
 

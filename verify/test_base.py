@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from llm2wasm.checks import bad_path_entries, base_image_label_problems, env_garbage, expected_os
+from llm2wasm.host.checks import bad_path_entries, base_image_label_problems, env_garbage, expected_os
 
 TOOLS = ["curl", "wget", "unzip", "git", "git-lfs", "nano", "make", "patch", "tar", "xz"]
 

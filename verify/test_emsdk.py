@@ -7,7 +7,7 @@ import posixpath
 
 import pytest
 
-from llm2wasm.checks import EMSDK_COMMIT_LABEL, commit_label_check, emcc_version
+from llm2wasm.host.checks import EMSDK_COMMIT_LABEL, commit_label_check, emcc_version
 
 SOURCES = ("emsdk", "debian")
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from llm2wasm.checks import normalize, requirement_pin, version_matches
+from llm2wasm.host.checks import normalize, requirement_pin, version_matches
 
 PINNED = [
     "torch_requirement",
@@ -92,7 +92,7 @@ print(json.dumps({
 
 def test_cuda_driver_stub_covers_every_library_that_needs_the_driver(exec_):
     # Image checks and builds run without a GPU: a wheel library that needs libcuda.so.1 loads only
-    # through the stub (src/llm2wasm/cuda_driver_stub.py), which must define every driver function
+    # through the stub (src/llm2wasm/image/scripts/cuda_driver_stub.py), which must define every driver function
     # it imports. Where nothing needs the driver (CPU wheels) nothing may be written.
     result = exec_.python(DRIVER_STUB_FACTS, timeout=300)
     assert result.returncode == 0, result.stderr

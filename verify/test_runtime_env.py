@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-import llm2wasm.cuda_libs
-from llm2wasm.checks import tag_commit, tvm_commit_check
+import llm2wasm.image.scripts.cuda_libs
+from llm2wasm.host.checks import tag_commit, tvm_commit_check
 
 RUNTIME_BC = ["wasm_runtime.bc", "tvmjs_support.bc", "webgpu_runtime.bc"]
 
 
 def test_ld_library_path_is_the_installed_nvidia_libraries(exec_, host, image_env, pins):
-    script = Path(llm2wasm.cuda_libs.__file__).read_text()
+    script = Path(llm2wasm.image.scripts.cuda_libs.__file__).read_text()
     derived = exec_.python(script).stdout.strip()
     value = image_env.get("LD_LIBRARY_PATH", "")
     assert value == derived, f"LD_LIBRARY_PATH={value!r}, installed nvidia libraries: {derived!r}"

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from llm2wasm.checks import MLC_LLM_COMMIT_LABEL, commit_label_check, unexpected_web_runtime_files
+from llm2wasm.host.checks import MLC_LLM_COMMIT_LABEL, commit_label_check, unexpected_web_runtime_files
 
 # What create_tvmjs_wasm links into every model library. TVM's standalone tvmjs runtime
 # (tvmjs_runtime.wasm/.js) is not built: no conversion links it and WebLLM ships its own.

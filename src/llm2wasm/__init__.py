@@ -4,7 +4,7 @@ The package has two halves with different dependencies:
 
 * the toolkit (pins, layers, plan, build, verify, publish) runs on the host and needs the
   ``toolkit`` extra (docker CLI, pytest-testinfra, invoke);
-* ``llm2wasm.convert`` ships inside the image and needs only the standard library plus what the
+* ``llm2wasm.image.convert`` ships inside the image and needs only the standard library plus what the
   image already has (mlc_llm, transformers, peft).
 """
 

@@ -47,8 +47,8 @@ ROOT = HERE.parents[1]
 STANDINS = ROOT / "tests" / "standins"
 sys.path.insert(0, str(ROOT / "src"))
 
-from llm2wasm.docker import image_id  # noqa: E402 (needs the sys.path line above)
-from llm2wasm.pins import resolve_profile  # noqa: E402 (needs the sys.path line above)
+from llm2wasm.host.docker import image_id  # noqa: E402 (needs the sys.path line above)
+from llm2wasm.host.pins import resolve_profile  # noqa: E402 (needs the sys.path line above)
 
 WHEELHOUSE_PORT = 38471
 GIT_PORT = 38472

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from llm2wasm.convert.webllm_types import interface_fields
+from llm2wasm.image.convert.webllm_types import interface_fields
 from tests.browser import chromium_path, run_preview_page, start_preview
 from tests.conftest import INVOKE, ROOT, app_image, invoke, run_app
 
@@ -25,7 +25,7 @@ STEPS = 8
 MAKE_MODELS = f"""
 import json
 from pathlib import Path
-from llm2wasm.convert.tiny import make_browser_check_adapter, make_browser_check_model
+from llm2wasm.image.convert.tiny import make_browser_check_adapter, make_browser_check_model
 reference = make_browser_check_model(Path("/work/models/llama"), steps={STEPS})
 make_browser_check_model(Path("/work/models/qwen2"), steps={STEPS}, architecture="qwen2")
 make_browser_check_adapter(Path("/work/models/qwen2"), Path("/work/adapters/qwen2-lora"), steps={STEPS})

@@ -1,7 +1,7 @@
 """A bundle made by the real hermetic chain runs in the real WebLLM in a real browser, and generates
 the tokens transformers generates.
 
-The model is a tiny Llama made decisive (llm2wasm.convert.tiny.make_browser_check_model): its
+The model is a tiny Llama made decisive (llm2wasm.image.convert.tiny.make_browser_check_model): its
 vocabulary is exactly the tokenizer's, its output head is scaled so the greedy token beats the
 runner-up by at least one logit at every step (float32 on SwiftShader differs from the CPU by about
 1e-4), and its continuation holds three or more different tokens and no end of sequence. It is
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from llm2wasm.browser import BrowserRun
+from llm2wasm.host.browser import BrowserRun
 from tests.browser import chromium_path, free_port, run_preview_page, start_preview
 from tests.conftest import INVOKE, ROOT, invoke, run_app
 
@@ -162,7 +162,7 @@ def test_without_the_repair_validation_and_the_browser_fail(browser_bundle, tmp_
     compiled = broken / ".llm2wasm" / "compile" / "tiny-q0f32.as-compiled.wasm"
     shutil.copyfile(compiled, broken / "lib" / "tiny-q0f32.wasm")
     check = run_app(
-        "-m", "llm2wasm.convert.wgsl", "/b/lib/tiny-q0f32.wasm", "--no-repair",
+        "-m", "llm2wasm.image.convert.wgsl", "/b/lib/tiny-q0f32.wasm", "--no-repair",
         mounts={broken: "/b:ro"}, entrypoint="python", timeout=300,
     )  # fmt: skip
     assert check.returncode == 1, check.stdout + check.stderr

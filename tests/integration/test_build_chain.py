@@ -9,9 +9,9 @@ import subprocess
 
 import pytest
 
-from llm2wasm.layers import LAYERS, ancestors, descendants, get_layer
-from llm2wasm.pins import resolve_profile
-from llm2wasm.verify import run_checks
+from llm2wasm.host.layers import LAYERS, ancestors, descendants, get_layer
+from llm2wasm.host.pins import resolve_profile
+from llm2wasm.host.verify import run_checks
 from tests.conftest import HERMETIC, ROOT, build_derived_image, hermetic_build_args, image_exists, invoke
 
 LAYER_NAMES = [layer.name for layer in LAYERS]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from llm2wasm.convert.wasm_lib import inspect_library
-from llm2wasm.run import ConvertJob, run_convert_job
+from llm2wasm.host.run import ConvertJob, run_convert_job
+from llm2wasm.image.convert.wasm_lib import inspect_library
 from tests.conftest import app_image, invoke, run_app
 from tests.unit.test_convert_bundle import MODEL_RECORD_FIELDS
 
@@ -129,7 +129,7 @@ STORED_WEIGHTS = """
 import json, numpy, torch, tvm
 from tvm.contrib import tvmjs
 from transformers import AutoModelForCausalLM
-from llm2wasm.convert.tiny import round_as_f32_bundle_stores
+from llm2wasm.image.convert.tiny import round_as_f32_bundle_stores
 stored, _ = tvmjs.load_tensor_cache("/work/out/model/resolve/main", tvm.cpu())
 model = AutoModelForCausalLM.from_pretrained("/model", dtype=torch.float32)
 source = {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
@@ -165,7 +165,7 @@ QUANTIZED_WEIGHTS = """
 import json, numpy, torch, tvm
 from tvm.contrib import tvmjs
 from transformers import AutoModelForCausalLM
-from llm2wasm.convert.tiny import as_bundle_holds
+from llm2wasm.image.convert.tiny import as_bundle_holds
 stored, _ = tvmjs.load_tensor_cache("/selftest/bundle/model/resolve/main", tvm.cpu())
 model = AutoModelForCausalLM.from_pretrained("/selftest/bundle/.llm2wasm/merge/model", dtype=torch.float32)
 as_bundle_holds(model, "q4f32_1")
@@ -223,7 +223,7 @@ def test_rerun_skips_unchanged_steps(plain_conversion):
 
 
 def test_steps_record_the_tools_that_made_them(plain_conversion):
-    """What a re-run with a newer image compares (llm2wasm.convert.toolchain), read off the real image."""
+    """What a re-run with a newer image compares (llm2wasm.image.convert.toolchain), read off the real image."""
     record = steps(plain_conversion[0] / "out")
     tools = record["compile"]["tools"]
     assert tools["tvm"] == "apache-tvm 0.26.0" and tools["mlc_llm"].startswith("mlc-llm "), tools
@@ -297,7 +297,7 @@ def test_an_output_head_mlc_llm_would_drop_is_refused_before_any_step(selftest, 
     embeddings for the head and compute another model, so convert refuses it, exit 2, nothing written."""
     made = run_app(
         "-c",
-        "from pathlib import Path; from llm2wasm.convert.tiny import make_tiny_model; "
+        "from pathlib import Path; from llm2wasm.image.convert.tiny import make_tiny_model; "
         "make_tiny_model(Path('/work/model'), 'starcoder2', vocab_size=15)",
         mounts={tmp_path: "/work"},
         entrypoint="python",

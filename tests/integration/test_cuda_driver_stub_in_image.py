@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
-from llm2wasm.pins import resolve_profile
-from llm2wasm.verify import run_checks
+from llm2wasm.host.pins import resolve_profile
+from llm2wasm.host.verify import run_checks
 from tests.conftest import HERMETIC, build_derived_image
 
 ML_IMAGE = f"llm2wasm:ml-{HERMETIC}"

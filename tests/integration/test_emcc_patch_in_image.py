@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from llm2wasm import docker
-from llm2wasm.pins import resolve_profile
-from llm2wasm.plan import make_plan
-from llm2wasm.tvm_patches import EMCC_FIX, apply, load_patches
+from llm2wasm.host import docker
+from llm2wasm.host.pins import resolve_profile
+from llm2wasm.host.plan import make_plan
+from llm2wasm.image.scripts.tvm_patches import EMCC_FIX, apply, load_patches
 from tests.conftest import HERMETIC, ROOT, build_derived_image
 from tests.tvm_wheels import TVM_VERSIONS, helper_source
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from llm2wasm.browser import free_port
+from llm2wasm.host.browser import free_port
 from tests.conftest import INVOKE, ROOT, app_image, invoke, run_app
 
 CANARY = "hf_llm2wasm_canary_0123456789"  # a token the caller holds; it must never reach an output
@@ -26,7 +26,7 @@ CANARY = "hf_llm2wasm_canary_0123456789"  # a token the caller holds; it must ne
 RWKV_INJECTION = "0 \"\\\\\"+str(open(__import__('glob').glob('/output/*')[0]+'/PWNED','w'))#\" 2\n"
 MAKE = """
 from pathlib import Path
-from llm2wasm.convert.tiny import make_lora_adapter, make_tiny_llama
+from llm2wasm.image.convert.tiny import make_lora_adapter, make_tiny_llama
 make_tiny_llama(Path("/work/tiny"), vocab_size=64)
 make_lora_adapter(Path("/work/tiny"), Path("/work/lora"))
 """
@@ -99,7 +99,7 @@ def get(url: str, path: str, host: str | None = None) -> tuple[int, bytes]:
 def test_preview_in_the_image_serves_the_bundle_and_nothing_else(rwkv_conversion, tmp_path):
     """The real preview container on a real bundle: its state, a traversal and a foreign Host are
     refused; a bundle whose library is a symlink out is refused at start (exit 2)."""
-    from llm2wasm.browser import start_preview
+    from llm2wasm.host.browser import start_preview
 
     out, result = rwkv_conversion
     assert result.returncode == 0, result.stderr

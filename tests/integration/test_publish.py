@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from llm2wasm import docker
+from llm2wasm.host import docker
 from tests.conftest import HERMETIC, app_image, build_derived_image, invoke
 
 REGISTRY_PORT = 38473

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from llm2wasm import batch
-from llm2wasm.batch import collect, item_index, load_spec, matrix, parse_spec
-from llm2wasm.cli import main as llm2wasm
 from llm2wasm.errors import UsageError
+from llm2wasm.image.batch import status as batch_status
+from llm2wasm.image.batch.command import item_index
+from llm2wasm.image.batch.github import matrix
+from llm2wasm.image.batch.spec import load_spec, parse_spec
+from llm2wasm.image.batch.status import collect
+from llm2wasm.image.cli import main as llm2wasm
 from tests.unit.conftest import SPEC
 from tests.unit.test_batch_status import finished
 
@@ -59,7 +62,7 @@ def test_an_item_is_the_convert_command_with_its_bundle_in_out_model_id(spec_dir
         "2048",
     ]
     # every argument is one `llm2wasm convert` accepts
-    from llm2wasm.cli import build_parser
+    from llm2wasm.image.cli import build_parser
 
     parsed = build_parser().parse_args(["convert", *argv])
     assert parsed.adapter.endswith("adapters/support") and parsed.context_window == 2048
@@ -155,7 +158,7 @@ def test_collect_lists_every_bundle_that_succeeded_and_reports_the_rest(spec_dir
     report = json.loads((out / "batch-report.json").read_text())
     assert report["items"][0] | {"library_bytes": 8, "vram_required_MB": 12.5, "reason": None} == report["items"][0]
     assert [row["status"] for row in report["items"]] == ["ok", "failed", "not run"]
-    rendered = batch.table(results)
+    rendered = batch_status.table(results)
     assert "| 0 | qwen-support-q4f16_1 | q4f16_1 | ok | 3 s | 0.0 MB | 12.5 |" in rendered, rendered
     assert "| 2 | llama-q4f16_1 | q4f16_1 | not run |" in rendered
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from llm2wasm import batch_k8s
-from llm2wasm.batch import kubernetes_manifests, load_spec, to_yaml
-from llm2wasm.cli import main as llm2wasm
 from llm2wasm.errors import UsageError
+from llm2wasm.image.batch import k8s as batch_k8s
+from llm2wasm.image.batch.k8s import kubernetes_manifests, to_yaml
+from llm2wasm.image.batch.spec import load_spec
+from llm2wasm.image.cli import main as llm2wasm
 from tests.unit.conftest import SPEC
 
 

@@ -10,14 +10,24 @@ from pathlib import Path
 
 import pytest
 
-from llm2wasm import batch_status
-from llm2wasm.batch import collect, load_spec, outcomes, parse_spec, table
-from llm2wasm.batch_status import mark_finished, mark_running, read_status, run_item, settings_digest, status_path
-from llm2wasm.cli import build_parser
-from llm2wasm.cli import main as llm2wasm
-from llm2wasm.convert import command
-from llm2wasm.convert.bundle import write_bundle
 from llm2wasm.errors import UsageError
+from llm2wasm.image.batch import status as batch_status
+from llm2wasm.image.batch.spec import load_spec, parse_spec
+from llm2wasm.image.batch.status import (
+    collect,
+    mark_finished,
+    mark_running,
+    outcomes,
+    read_status,
+    run_item,
+    settings_digest,
+    status_path,
+    table,
+)
+from llm2wasm.image.cli import build_parser
+from llm2wasm.image.cli import main as llm2wasm
+from llm2wasm.image.convert import command
+from llm2wasm.image.convert.bundle import write_bundle
 from tests.unit.test_convert_bundle import bundle_request, fake_work
 
 SPEC = '[[model]]\npath = "models/m"\nquantizations = ["q4f16_1", "q0f32"]\ncontext_window = 2048\n'
@@ -175,7 +185,7 @@ def test_the_item_command_records_a_crash_and_lets_it_through(spec_dir, tmp_path
     ],
 )
 def test_the_item_command_converts_as_llm2wasm_convert_does(monkeypatch, capsys, raised, code, said):
-    """run_item converts through convert_main, not llm2wasm.cli (which imports this module's callers):
+    """run_item converts through convert_main, not llm2wasm.image.cli (which imports this module's callers):
     the same parser, messages and exit status as `llm2wasm convert`."""
     convert_step = next(action for action in build_parser()._actions if action.dest == "command").choices["convert"]
     assert command.convert_parser().format_help() == convert_step.format_help()

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from llm2wasm import batchrun, docker
-from llm2wasm.batch import load_spec, parse_spec
-from llm2wasm.batch_status import RUN_ID_VARIABLE, mark_running, read_status, run_item
-from llm2wasm.convert import command
 from llm2wasm.errors import UsageError
+from llm2wasm.host import batchrun, docker
+from llm2wasm.image.batch.spec import load_spec, parse_spec
+from llm2wasm.image.batch.status import RUN_ID_VARIABLE, mark_running, read_status, run_item
+from llm2wasm.image.convert import command
 from tests.unit.test_batch_status import make_bundle
 
 SPEC = '[[model]]\npath = "models/llama"\nquantizations = ["q0f32", "q4f32_1"]\n'

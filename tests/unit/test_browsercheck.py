@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from llm2wasm.browser import BrowserRun
-from llm2wasm.browsercheck import BrowserCheck, summary_markdown
+from llm2wasm.host.browser import BrowserRun
+from llm2wasm.host.browsercheck import BrowserCheck, summary_markdown
 
 REFERENCE = {"prompt": "hello world", "reference_ids": [11, 13, 9], "min_margin": 2.47, "seed": 0}
 
@@ -34,8 +34,8 @@ def test_a_failure_lists_its_problems():
 def test_a_quantization_software_webgpu_cannot_run_is_refused_before_anything_runs(tmp_path):
     import pytest
 
-    from llm2wasm.browsercheck import browser_check
     from llm2wasm.errors import UsageError
+    from llm2wasm.host.browsercheck import browser_check
 
     with pytest.raises(UsageError, match=r"q4f16_1.*q0f32, q4f32_1.*shader-f16"):
         browser_check("llm2wasm:app-none", tmp_path / "work", quantization="q4f16_1")

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from llm2wasm import build
+from llm2wasm.host import build
 
 
 @pytest.fixture
@@ -81,8 +81,8 @@ def test_a_failed_selftest_stops_the_build_and_keeps_the_image(fake_docker, monk
 
 
 def test_an_image_verified_without_its_selftest_is_not_publishable():
-    from llm2wasm.pins import resolve_profile
-    from llm2wasm.state import checks_digest
+    from llm2wasm.host.pins import resolve_profile
+    from llm2wasm.host.state import checks_digest
 
     profile = resolve_profile("cpu")
     assert checks_digest("app", profile, selftest=False) != checks_digest("app", profile)
@@ -92,8 +92,8 @@ def test_an_image_verified_without_its_selftest_is_not_publishable():
 
 def test_verify_selftest_of_an_image_never_built_names_the_fix(monkeypatch):
     from llm2wasm.errors import UsageError
-    from llm2wasm.pins import resolve_profile
-    from llm2wasm.verify import selftest_tag
+    from llm2wasm.host.pins import resolve_profile
+    from llm2wasm.host.verify import selftest_tag
 
     monkeypatch.setattr(build.docker, "image_id", lambda ref: None)
     with pytest.raises(UsageError) as error:

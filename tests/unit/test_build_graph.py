@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from llm2wasm.build import LayerResult, run_graph
 from llm2wasm.errors import BuildFailed
-from llm2wasm.pins import resolve_profile
-from llm2wasm.plan import make_plan
+from llm2wasm.host.build import LayerResult, run_graph
+from llm2wasm.host.pins import resolve_profile
+from llm2wasm.host.plan import make_plan
 
 STEPS = make_plan(resolve_profile("hermetic")).steps
 

@@ -8,8 +8,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from llm2wasm.convert.chat import CONVERSATIONS, SENTINEL, choose, render_model_template, stop_token_ids
 from llm2wasm.errors import UsageError
+from llm2wasm.image.convert.chat import CONVERSATIONS, SENTINEL, choose, render_model_template, stop_token_ids
 
 CHATML = (
     "{% if messages[0]['role'] != 'system' %}{{ default }}{% endif %}"

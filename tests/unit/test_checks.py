@@ -1,6 +1,6 @@
 import pytest
 
-from llm2wasm.checks import (
+from llm2wasm.host.checks import (
     BASE_DIGEST_LABEL,
     BASE_NAME_LABEL,
     bad_path_entries,

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from llm2wasm.convert import bundle
-from llm2wasm.convert.bundle import (
+from llm2wasm.errors import UsageError
+from llm2wasm.image.convert import bundle
+from llm2wasm.image.convert.bundle import (
     bundle_readme,
     incomplete,
     link_or_copy,
@@ -19,9 +20,8 @@ from llm2wasm.convert.bundle import (
     vram_required_mb,
     write_bundle,
 )
-from llm2wasm.convert.inputs import ConvertRequest
-from llm2wasm.convert.mlc import parse_memory
-from llm2wasm.errors import UsageError
+from llm2wasm.image.convert.inputs import ConvertRequest
+from llm2wasm.image.convert.mlc import parse_memory
 
 # web-llm src/config.ts, interface ModelRecord
 MODEL_RECORD_FIELDS = {

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from llm2wasm.convert.inputs import build_request
-from llm2wasm.convert.mlc import MlcNames
 from llm2wasm.errors import UsageError
+from llm2wasm.image.convert.inputs import build_request
+from llm2wasm.image.convert.mlc import MlcNames
 
 NAMES = MlcNames(
     quantizations=("q0f16", "q0f32", "q3f16_1", "q4f16_1", "q4f32_1", "q4bf16_1", "q4f16_autoawq"),

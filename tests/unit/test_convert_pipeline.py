@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from llm2wasm.convert.inputs import ConvertRequest
-from llm2wasm.convert.pipeline import (
+from llm2wasm.image.convert.inputs import ConvertRequest
+from llm2wasm.image.convert.pipeline import (
     Converter,
     StepFailed,
     Workspace,
@@ -16,7 +16,7 @@ from llm2wasm.convert.pipeline import (
     source_view,
     step_keys,
 )
-from llm2wasm.convert.toolchain import Toolchain, emcc_version, python_packages, web_runtime_commits
+from llm2wasm.image.convert.toolchain import Toolchain, emcc_version, python_packages, web_runtime_commits
 
 
 def prepared_converter(model_dir, output, toolchain=None, **settings) -> Converter:
@@ -104,7 +104,7 @@ def test_convert_weight_other_failures_are_not_retried(tmp_path, monkeypatch):
 
 
 def test_a_library_the_browser_would_reject_is_a_failed_compile_step(tmp_path, monkeypatch):
-    """What `python -m llm2wasm.convert.wgsl` reports (here a fake that finds an invalid kernel)
+    """What `python -m llm2wasm.image.convert.wgsl` reports (here a fake that finds an invalid kernel)
     becomes a failed step naming the kernel and the validator's message."""
     fake = tmp_path / "python"
     fake.write_text(
@@ -139,7 +139,7 @@ def test_the_link_runs_at_the_requested_level(tmp_path, monkeypatch, link_opt, u
         'case "$*" in\n'
         f'  *"-m mlc_llm compile"*) printf %s "$EMCC_CFLAGS" > {seen};\n'
         '    printf "\\000asm\\001\\000\\000\\000" > "$(after -o "$@")";;\n'
-        '  *llm2wasm.convert.wgsl*) echo \'{"repaired": []}\' > "$(after --report "$@")";;\n'
+        '  *llm2wasm.image.convert.wgsl*) echo \'{"repaired": []}\' > "$(after --report "$@")";;\n'
         "esac\n"
     )
     fake.chmod(0o755)

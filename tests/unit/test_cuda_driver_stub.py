@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from llm2wasm import cuda_driver_stub
-from llm2wasm.cuda_driver_stub import DRIVER_SONAME, driver_imports, install, read_dynamic
+from llm2wasm.image.scripts import cuda_driver_stub
+from llm2wasm.image.scripts.cuda_driver_stub import DRIVER_SONAME, driver_imports, install, read_dynamic
 
 # Loads the stand-in TVM runtime in a fresh interpreter whose site folder holds the hook, as the
 # image's site-packages does, and prints what the driver it got says.

@@ -1,7 +1,7 @@
 import importlib.metadata
 from pathlib import Path
 
-from llm2wasm.cuda_libs import library_dirs
+from llm2wasm.image.scripts.cuda_libs import library_dirs
 
 
 def make_dist(root: Path, name: str, files: list[str]) -> importlib.metadata.Distribution:

@@ -1,7 +1,7 @@
 import pytest
 
-from llm2wasm.convert.device import choose_device, is_out_of_memory
 from llm2wasm.errors import UsageError
+from llm2wasm.image.convert.device import choose_device, is_out_of_memory
 
 
 def test_auto_takes_the_gpu_when_there_is_one():

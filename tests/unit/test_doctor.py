@@ -1,4 +1,4 @@
-from llm2wasm.doctor import Finding, report
+from llm2wasm.host.doctor import Finding, report
 
 
 def test_report_names_the_fix_only_for_problems():

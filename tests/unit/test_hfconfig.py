@@ -9,8 +9,8 @@ import pytest
 from transformers import GPTNeoXConfig, LlamaConfig, PretrainedConfig, Qwen2Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from llm2wasm.convert.hfconfig import hf_view, mlc_config, parity_mismatches, reads_from_sources
 from llm2wasm.errors import UsageError
+from llm2wasm.image.convert.hfconfig import hf_view, mlc_config, parity_mismatches, reads_from_sources
 from tests.upstream_sources import class_source, mlc_llm_file
 
 # model_type -> (module in mlc-llm's python/mlc_llm/model/, config class)
@@ -181,7 +181,7 @@ def test_a_stale_top_level_rope_theta_yields_to_what_transformers_computes_with(
 
 
 def test_an_untied_head_the_installed_loader_would_not_read_is_a_problem():
-    from llm2wasm.convert.hfconfig import untied_head_problem, view_of
+    from llm2wasm.image.convert.hfconfig import untied_head_problem, view_of
 
     untied = view_of({"model_type": "starcoder2", "tie_word_embeddings": False})
     tied = view_of({"model_type": "starcoder2", "tie_word_embeddings": True})
@@ -202,7 +202,7 @@ def broken_mlc_llm(tmp_path, monkeypatch):
 
 
 def test_a_failing_head_probe_warns_and_does_not_refuse(broken_mlc_llm, capsys):
-    from llm2wasm.convert.hfconfig import probe_reads_output_head
+    from llm2wasm.image.convert.hfconfig import probe_reads_output_head
 
     assert probe_reads_output_head("starcoder2", {"tie_word_embeddings": False}) is None
     warning = capsys.readouterr().err
@@ -210,7 +210,7 @@ def test_a_failing_head_probe_warns_and_does_not_refuse(broken_mlc_llm, capsys):
 
 
 def test_a_failing_config_probe_refuses_with_the_probes_error(broken_mlc_llm):
-    from llm2wasm.convert.hfconfig import probe_installed_mlc
+    from llm2wasm.image.convert.hfconfig import probe_installed_mlc
 
     with pytest.raises(UsageError, match=r"(?s)config class for 'llama'.*mlc_llm broken for this test"):
         probe_installed_mlc("llama", set(ROPE_INIT_FUNCTIONS))
@@ -234,7 +234,7 @@ def phi35_view(tmp_path):
 
 
 def test_longrope_beyond_its_original_context_is_warned_about(tmp_path):
-    from llm2wasm.convert.hfconfig import longrope_beyond_original_context
+    from llm2wasm.image.convert.hfconfig import longrope_beyond_original_context
 
     phi35 = phi35_view(tmp_path)
     assert phi35.rope_type == "longrope"
@@ -245,7 +245,7 @@ def test_longrope_beyond_its_original_context_is_warned_about(tmp_path):
 
 
 def test_other_rope_types_are_not_warned_about(tmp_path):
-    from llm2wasm.convert.hfconfig import longrope_beyond_original_context
+    from llm2wasm.image.convert.hfconfig import longrope_beyond_original_context
 
     llama3 = hf_view(saved(tmp_path, LlamaConfig(**TINY, max_position_embeddings=131072, rope_parameters=LLAMA3_ROPE)))
     assert llama3.rope_type == "llama3"

@@ -23,49 +23,28 @@ ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
 PACKAGE = "llm2wasm"
 
-# What runs inside the image. images/app/Dockerfile pip-installs the package and its ENTRYPOINT is
-# the `llm2wasm` console script (pyproject.toml: llm2wasm.cli:main), so the image side is cli.py and
-# everything it reaches (test_image_side_covers_what_the_cli_reaches keeps this list complete), plus
-# the scripts other layers copy in and run alone.
-IMAGE_SIDE = {
-    "llm2wasm": "the package itself (__version__): imported with every module below",
-    "llm2wasm.cli": "the console script, the image's ENTRYPOINT",
-    "llm2wasm.errors": "UsageError, raised and caught by the command",
-    "llm2wasm.hostpaths": "cli.main shows host paths on stderr",
-    # `llm2wasm convert` / `selftest` (llm2wasm.convert's docstring: ships in the image)
-    "llm2wasm.convert": "the conversion package",
-    "llm2wasm.convert.command": "convert/selftest arguments (cli.build_parser)",
-    "llm2wasm.convert.pipeline": "the conversion itself",
-    "llm2wasm.convert.inputs": "the conversion request",
-    "llm2wasm.convert.inputfiles": "which model files a conversion reads",
-    "llm2wasm.convert.mlc": "mlc_llm's names and command lines",
-    "llm2wasm.convert.chat": "chat template choice",
-    "llm2wasm.convert.hfconfig": "the model config mapping",
-    "llm2wasm.convert.device": "cpu/cuda choice",
-    "llm2wasm.convert.outputlock": "one conversion per output folder",
-    "llm2wasm.convert.toolchain": "the toolchain a bundle was built with",
-    "llm2wasm.convert.merge": "the PEFT merge",
-    "llm2wasm.convert.bundle": "the WebLLM bundle written",
-    "llm2wasm.convert.wgsl": "run by the pipeline as `python -m llm2wasm.convert.wgsl`",
-    "llm2wasm.convert.wasm_lib": "the selftest reads the compiled library",
-    "llm2wasm.convert.tiny": "the selftest's tiny model",
-    "llm2wasm.convert.selftest": "`llm2wasm selftest`",
-    "llm2wasm.convert.webllm_types": "WebLLM's app config fields, part of llm2wasm.convert",
-    # `llm2wasm preview`
-    "llm2wasm.preview": "the preview package",
-    "llm2wasm.preview.server": "`llm2wasm preview` (cli.build_parser)",
-    # `llm2wasm batch` (batch.py's docstring: runs in the image)
-    "llm2wasm.batch": "`llm2wasm batch` (cli.build_parser)",
-    "llm2wasm.batch_status": "a batch item's status files and `batch collect`",
-    "llm2wasm.batch_k8s": "`llm2wasm batch k8s`",
-    # copied alone into a layer and run there as a script (images/ml, images/runtime-env) or piped
-    # into an image's python (build.py): no llm2wasm imports at all (test_standalone_scripts_...)
-    "llm2wasm.cuda_driver_stub": "images/ml/Dockerfile runs it as /opt/llm2wasm/cuda_driver_stub.py",
-    "llm2wasm.tvm_patches": "images/runtime-env/Dockerfile runs it as /opt/llm2wasm/tvm_patches.py",
-    "llm2wasm.cuda_libs": "build.py runs it inside an image as `python - < cuda_libs.py`",
+# What runs inside the image is the llm2wasm.image subpackage (images/app/Dockerfile pip-installs the
+# package; its ENTRYPOINT is the `llm2wasm` console script, pyproject.toml: llm2wasm.image.cli:main)
+# plus the two shared modules below. The host's toolkit (llm2wasm.host) may import the image side,
+# never the reverse: the image has none of the host's dependencies.
+IMAGE_PACKAGE = "llm2wasm.image"
+HOST_PACKAGE = "llm2wasm.host"
+SHARED = {
+    "llm2wasm": "the package itself (__version__): imported with every module",
+    "llm2wasm.errors": "UsageError and the exit status, raised and caught on both sides",
 }
-STANDALONE_SCRIPTS = {"llm2wasm.cuda_driver_stub", "llm2wasm.tvm_patches", "llm2wasm.cuda_libs"}
-ENTRY_POINT = "llm2wasm.cli"
+# copied alone into a layer and run there as a script (images/ml, images/runtime-env) or piped into
+# an image's python (llm2wasm.host.build): nothing of the package is there
+SCRIPTS_PACKAGE = "llm2wasm.image.scripts"
+ENTRY_POINT = "llm2wasm.image.cli"
+
+
+def _inside(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def image_side(modules: dict[str, Path]) -> set[str]:
+    return {name for name in modules if _inside(name, IMAGE_PACKAGE)} | set(SHARED)
 
 
 # --- the checker --------------------------------------------------------------------------------------
@@ -74,7 +53,7 @@ ENTRY_POINT = "llm2wasm.cli"
 @dataclass(frozen=True)
 class Import:
     source: str  # importing module
-    target: str  # imported name, absolute ("llm2wasm.convert.inputs", "yaml", "os.path")
+    target: str  # imported name, absolute ("llm2wasm.image.convert.inputs", "yaml", "os.path")
     line: int
     module_level: bool  # runs when the importing module is imported (not inside a function)
     type_checking: bool  # under `if TYPE_CHECKING:`: never runs
@@ -117,7 +96,7 @@ def module_imports(name: str, path: Path, modules: dict[str, Path]) -> list[Impo
     """Every import statement of one module, at any depth, resolved to absolute names.
 
     A name inside the package resolves to the most specific module it names: `from . import docker`
-    is llm2wasm.docker, `from .. import __version__` is llm2wasm (its __init__)."""
+    is llm2wasm.host.docker, `from .. import __version__` is llm2wasm (its __init__)."""
     is_package = path.name == "__init__.py"
     imports = []
     for node, module_level, type_checking in _walk(ast.parse(path.read_text(), str(path)), True, False):
@@ -138,7 +117,7 @@ def module_imports(name: str, path: Path, modules: dict[str, Path]) -> list[Impo
 
 
 def internal_module(target: str, modules: dict[str, Path]) -> str | None:
-    """The package module an import loads (`llm2wasm.convert.inputs.X` -> llm2wasm.convert.inputs)."""
+    """The package module an import loads (`llm2wasm.image.convert.inputs.X` -> llm2wasm.image.convert.inputs)."""
     parts = target.split(".")
     while parts:
         if ".".join(parts) in modules:
@@ -268,23 +247,48 @@ def test_no_import_cycles():
 
 
 def test_image_side_imports_only_the_standard_library_at_module_level():
-    problems = foreign_imports(SRC, PACKAGE, set(IMAGE_SIDE), set(IMAGE_SIDE))
+    image = image_side(package_modules(SRC, PACKAGE))
+    problems = foreign_imports(SRC, PACKAGE, image, image)
     assert not problems, "image-side modules import more than the standard library at import time:\n" + "\n".join(
         problems
     )
 
 
-def test_image_side_covers_what_the_cli_reaches():
+def test_image_side_never_imports_the_host_toolkit():
+    """Not even inside a function: the host's modules need packages the image does not have."""
+    graph = import_graph(SRC, PACKAGE)
+    image = image_side(package_modules(SRC, PACKAGE))
+    problems = [
+        f"{name} (line {line}) imports {target}"
+        for name in sorted(image)
+        for target, line in graph[name].items()
+        if _inside(target, HOST_PACKAGE)
+    ]
+    assert not problems, "the image side imports the host toolkit:\n" + "\n".join(problems)
+
+
+def test_the_command_reaches_only_the_image_side():
     modules = package_modules(SRC, PACKAGE)
-    assert set(IMAGE_SIDE) <= set(modules), "IMAGE_SIDE names modules that do not exist"
-    missing = reachable(import_graph(SRC, PACKAGE), ENTRY_POINT) - set(IMAGE_SIDE)
-    assert not missing, f"{ENTRY_POINT} reaches modules IMAGE_SIDE does not list: {sorted(missing)}"
+    assert ENTRY_POINT in modules
+    outside = reachable(import_graph(SRC, PACKAGE), ENTRY_POINT) - image_side(modules)
+    assert not outside, f"{ENTRY_POINT} reaches modules outside the image side: {sorted(outside)}"
+
+
+def test_the_two_worlds_and_the_shared_modules_are_all_there_is():
+    modules = package_modules(SRC, PACKAGE)
+    stray = {name for name in modules if not (_inside(name, IMAGE_PACKAGE) or _inside(name, HOST_PACKAGE))}
+    assert stray == set(SHARED), f"modules outside llm2wasm.image and llm2wasm.host: {sorted(stray - set(SHARED))}"
+    graph = import_graph(SRC, PACKAGE)
+    for name in SHARED:
+        assert set(graph[name]) <= set(SHARED), f"{name} is shared and may import only {sorted(SHARED)}"
 
 
 def test_standalone_scripts_import_no_llm2wasm_module():
     """Copied alone into an image (or piped into its python): nothing of the package is there."""
     graph = import_graph(SRC, PACKAGE)
-    for name in STANDALONE_SCRIPTS:
+    scripts = [name for name in graph if name.startswith(SCRIPTS_PACKAGE + ".")]
+    assert len(scripts) == 3
+    for name in scripts:
         assert not graph[name], f"{name} runs alone in an image but imports {sorted(graph[name])}"
 
 

@@ -12,8 +12,8 @@ import zipfile
 
 import pytest
 
-from llm2wasm.convert.inputfiles import check_pickle, select_adapter_files, select_model_files
 from llm2wasm.errors import UsageError
+from llm2wasm.image.convert.inputfiles import check_pickle, select_adapter_files, select_model_files
 
 RWKV_INJECTION = "0 \"\\\\\"+str(open(__import__('glob').glob('/output/*')[0]+'/PWNED','w'))#\" 2\n"
 
@@ -206,7 +206,7 @@ def test_a_pickle_checkpoint_in_a_model_folder_is_checked(model):
 def test_the_step_cache_key_follows_content_not_mtimes(model, tmp_path):
     """`rsync -a` / `tar` keep sizes and modification times: other weights of the same size copied
     so must still be other inputs."""
-    from llm2wasm.convert.inputs import fingerprint
+    from llm2wasm.image.convert.inputs import fingerprint
 
     before = fingerprint(select_model_files(model))
     stat = (model / "model.safetensors").stat()
@@ -225,7 +225,7 @@ def test_the_step_cache_key_follows_content_not_mtimes(model, tmp_path):
 def test_the_input_checks_open_only_the_selected_files(model):
     """A name the allowlist leaves out is never opened, not even by the checks (a FIFO there would
     hang them): here a damaged `x y.safetensors` beside the real weights."""
-    from llm2wasm.convert.inputs import check_model_dir, weight_files
+    from llm2wasm.image.convert.inputs import check_model_dir, weight_files
 
     (model / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
     (model / "x y.safetensors").write_bytes(b"garbage")

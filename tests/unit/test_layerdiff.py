@@ -1,10 +1,10 @@
-"""Which child changes make the parents' checks run again (llm2wasm.layerdiff)."""
+"""Which child changes make the parents' checks run again (llm2wasm.host.layerdiff)."""
 
 from __future__ import annotations
 
 import pytest
 
-from llm2wasm.layerdiff import (
+from llm2wasm.host.layerdiff import (
     Entry,
     built_from,
     config_reasons,

@@ -3,9 +3,9 @@ import re
 
 import pytest
 
-from llm2wasm import layers
 from llm2wasm.errors import UsageError
-from llm2wasm.layers import (
+from llm2wasm.host import layers
+from llm2wasm.host.layers import (
     LAYERS,
     Layer,
     ancestors,
@@ -16,7 +16,7 @@ from llm2wasm.layers import (
     registry_json,
     validate_registry,
 )
-from llm2wasm.pins import PROJECT_ROOT
+from llm2wasm.host.pins import PROJECT_ROOT
 
 
 def test_registry_is_in_build_order_with_files():

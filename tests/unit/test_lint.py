@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llm2wasm.layers import LAYERS
+from llm2wasm.host.layers import LAYERS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = [layer.dockerfile for layer in LAYERS] + [ROOT / "bench" / "seed-equivalent" / "Dockerfile"]

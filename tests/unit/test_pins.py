@@ -1,7 +1,7 @@
 import pytest
 
 from llm2wasm.errors import UsageError
-from llm2wasm.pins import load_pin_file, parse_override, resolve_profile
+from llm2wasm.host.pins import load_pin_file, parse_override, resolve_profile
 
 
 def test_required_profiles_exist():
@@ -76,7 +76,7 @@ def test_invalid_toml_is_a_usage_error(tmp_path):
 
 
 def test_every_profile_has_every_pin_the_layers_use():
-    from llm2wasm.layers import LAYERS
+    from llm2wasm.host.layers import LAYERS
 
     needed = {pin for layer in LAYERS for pin in layer.build_args.values()}
     for name in load_pin_file():

@@ -4,11 +4,11 @@ import io
 import pytest
 from invoke import Context
 
-from llm2wasm import build as build_module
-from llm2wasm import preflight as preflight_module
-from llm2wasm.build import build_plan
-from llm2wasm.pins import PROJECT_ROOT, resolve_profile
-from llm2wasm.plan import DERIVED, make_plan, pending_value
+from llm2wasm.host import build as build_module
+from llm2wasm.host import preflight as preflight_module
+from llm2wasm.host.build import build_plan
+from llm2wasm.host.pins import PROJECT_ROOT, resolve_profile
+from llm2wasm.host.plan import DERIVED, make_plan, pending_value
 
 
 def test_plan_chains_tags_and_feeds_pins():

@@ -18,11 +18,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from packaging.version import Version
 
-from llm2wasm import preflight as preflight_module
 from llm2wasm.errors import UsageError
-from llm2wasm.layers import LAYERS
-from llm2wasm.pins import Profile, resolve_profile
-from llm2wasm.preflight import (
+from llm2wasm.host import preflight as preflight_module
+from llm2wasm.host.layers import LAYERS
+from llm2wasm.host.pins import Profile, resolve_profile
+from llm2wasm.host.preflight import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     PYPI_SIMPLE,
@@ -928,7 +928,7 @@ def test_a_cpu_torch_in_a_cuda_profile_is_refused(server, git_remote):
 
 
 def test_stable_pins_one_cuda_major():
-    from llm2wasm.preflight.wheels import torch_cuda_major
+    from llm2wasm.host.preflight.wheels import torch_cuda_major
 
     stable = resolve_profile("stable")
     assert stable.cuda_major == 13  # the variant of the MLC wheels

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from llm2wasm import run
 from llm2wasm.errors import UsageError
-from llm2wasm.preview.server import check_bundle, make_server, serve_in_thread, served_config
+from llm2wasm.host import run
+from llm2wasm.image.preview.server import check_bundle, make_server, serve_in_thread, served_config
 
 SECRET = b"SECRET-OUTSIDE-THE-BUNDLE"
 STATE = b'{"private": "STATE-OF-THE-CONVERSION"}'

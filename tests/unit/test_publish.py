@@ -1,4 +1,4 @@
-from llm2wasm.publish import ImageFacts, safe_tag, tags_for
+from llm2wasm.host.publish import ImageFacts, safe_tag, tags_for
 
 
 def test_tags_come_from_the_image_contents():

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from llm2wasm.errors import UsageError
-from llm2wasm.report import BuildReport, LayerRow, human, parse_probe, write_report
+from llm2wasm.host.report import BuildReport, LayerRow, human, parse_probe, write_report
 
 PROBE_OUTPUT = (
     json.dumps(
@@ -83,8 +83,8 @@ class FakeDocker:
 
 
 def test_kept_paths_are_growth_over_the_parent_measured_once_per_image(monkeypatch):
-    from llm2wasm import report as report_module
-    from llm2wasm.layers import get_layer
+    from llm2wasm.host import report as report_module
+    from llm2wasm.host.layers import get_layer
 
     fake = FakeDocker(
         {
@@ -107,8 +107,8 @@ def test_kept_paths_are_growth_over_the_parent_measured_once_per_image(monkeypat
 def test_an_image_that_cannot_be_measured_reports_nothing_kept(monkeypatch):
     import subprocess
 
-    from llm2wasm import report as report_module
-    from llm2wasm.layers import get_layer
+    from llm2wasm.host import report as report_module
+    from llm2wasm.host.layers import get_layer
 
     monkeypatch.setattr(
         report_module.docker,
@@ -119,7 +119,7 @@ def test_an_image_that_cannot_be_measured_reports_nothing_kept(monkeypatch):
 
 
 def test_markdown_says_what_each_layer_keeps_and_what_it_adds_elsewhere():
-    from llm2wasm.report import KeptPath
+    from llm2wasm.host.report import KeptPath
 
     built = report()
     built.layers[1].kept = [KeptPath("/opt/venv", 4_900_000_000, "what conversions import")]

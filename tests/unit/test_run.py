@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from llm2wasm import run as run_module
 from llm2wasm.errors import UsageError
-from llm2wasm.run import ConvertJob, docker_command
+from llm2wasm.host import run as run_module
+from llm2wasm.host.run import ConvertJob, docker_command
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_missing_inputs_are_usage_errors(monkeypatch, tmp_path, model):
 
 
 def test_container_paths_shown_as_host_paths(monkeypatch, capsys):
-    from llm2wasm import hostpaths
+    from llm2wasm.image import hostpaths
 
     monkeypatch.setenv(hostpaths.HOST_PATHS_VARIABLE, json.dumps({"/output/foo": "/home/u/dist/foo", "/output": "/x"}))
     monkeypatch.setattr(hostpaths.sys, "stderr", hostpaths.sys.stderr)
@@ -157,7 +157,7 @@ def test_a_stopped_engine_is_not_a_missing_image(monkeypatch):
 def test_a_view_folder_is_shown_as_the_users_folder(monkeypatch, capsys):
     """The converter reads through a view of its own; its messages name the user's folder, and the
     container's mount point is then shown as the host's path as before."""
-    from llm2wasm import hostpaths
+    from llm2wasm.image import hostpaths
 
     monkeypatch.setenv(hostpaths.HOST_PATHS_VARIABLE, json.dumps({"/input/model": "/home/u/my-model"}))
     monkeypatch.setattr(hostpaths.sys, "stderr", hostpaths.sys.stderr)

@@ -1,5 +1,5 @@
-from llm2wasm.pins import resolve_profile
-from llm2wasm.state import VerifiedImages, checks_digest
+from llm2wasm.host.pins import resolve_profile
+from llm2wasm.host.state import VerifiedImages, checks_digest
 
 
 def test_records_per_image(tmp_path):

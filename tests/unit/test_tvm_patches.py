@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llm2wasm.tvm_patches import EMCC_FIX, MARKER, PatchError, apply, apply_all, load_patches, main
+from llm2wasm.image.scripts.tvm_patches import EMCC_FIX, MARKER, PatchError, apply, apply_all, load_patches, main
 from tests.tvm_wheels import TVM_VERSIONS, contrib_layout_from, helper_source, position_embedding_source
 
 PATCHES = Path(__file__).resolve().parents[2] / "patches"

@@ -1,13 +1,13 @@
 """Which checks run where: own checks always, parents' checks when the layer changed what they look
-at, and every check on the children of a layer that failed (llm2wasm.verify)."""
+at, and every check on the children of a layer that failed (llm2wasm.host.verify)."""
 
 from __future__ import annotations
 
 import pytest
 
-from llm2wasm import docker, layerdiff, verify
-from llm2wasm.layers import LAYERS
-from llm2wasm.pins import resolve_profile
+from llm2wasm.host import docker, layerdiff, verify
+from llm2wasm.host.layers import LAYERS
+from llm2wasm.host.pins import resolve_profile
 
 
 def module_names(modules) -> list[str]:

@@ -1,6 +1,6 @@
 import pytest
 
-from llm2wasm.convert.wasm_lib import NotAWasmModule, inspect_library
+from llm2wasm.image.convert.wasm_lib import NotAWasmModule, inspect_library
 
 
 def uleb(value: int) -> bytes:

@@ -4,8 +4,8 @@ import struct
 
 import pytest
 
-from llm2wasm.convert import wgsl
-from llm2wasm.convert.webllm_types import interface_fields
+from llm2wasm.image.convert import wgsl
+from llm2wasm.image.convert.webllm_types import interface_fields
 
 KERNEL = """@group(0) @binding(0) var<storage, read_write> A : array<f32>;
 @group(0) @binding(1) var<storage, read_write> B : array<f32>;

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llm2wasm.pins import resolve_profile
-from llm2wasm.publish import ImageFacts, tags_for
+from llm2wasm.host.pins import resolve_profile
+from llm2wasm.host.publish import ImageFacts, tags_for
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
@@ -379,7 +379,7 @@ def test_publish_puts_the_build_report_in_the_job_summary():
 def test_convert_fans_out_one_job_per_item_and_collects_them(tmp_path):
     import json
 
-    from llm2wasm.cli import main as llm2wasm
+    from llm2wasm.image.cli import main as llm2wasm
 
     workflow = load(next(p for p in WORKFLOWS if p.name == "convert.yml"))
     assert {"workflow_call", "workflow_dispatch"} <= set(workflow["on"])

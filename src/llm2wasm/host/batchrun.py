@@ -1,0 +1,142 @@
+"""`invoke batch` on the host: the items of a batch spec in the built image, a few at a time.
+
+Each item is one `docker run IMAGE batch run SPEC --item N -o /output` (the same command a GitHub
+Actions job or a Kubernetes pod runs), the spec's folder mounted read-only at /batch and OUT at
+/output, as the calling user, without network. Its output goes to OUT/.batch/item-N.log; a line
+says when each item starts and ends. The item is marked running before its container starts, and
+failed if the container ends without recording how the item ended (killed: exit 137), so that an
+earlier run's "ok" never stands for this one. Afterwards the outcomes are collected into
+OUT/app-config.json and OUT/batch-report.json (llm2wasm.image.batch.status), with a table.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from llm2wasm.errors import UsageError
+from llm2wasm.host import docker
+from llm2wasm.host.run import conversion_container, docker_has_gpu_runtime
+from llm2wasm.image.batch.spec import BatchSpec, Item, load_spec
+from llm2wasm.image.batch.status import (
+    FINISHED,
+    RUN_ID_VARIABLE,
+    STATUS_DIR,
+    Outcome,
+    collect,
+    mark_finished,
+    mark_running,
+    new_run_id,
+    read_status,
+)
+
+CONTAINER_SPEC_DIR = "/batch"
+CONTAINER_OUTPUT = "/output"
+# a conversion's peak memory on the CPU (merge and weight conversion of a small model); a default
+# that lets a 2-core, 24 GiB machine run two at once and keeps an 8 GiB one to one
+MEMORY_PER_JOB_GIB = 8
+
+
+def default_jobs() -> int:
+    """Items at once: one per core, at most one per MEMORY_PER_JOB_GIB of memory."""
+    cores = os.cpu_count() or 1
+    try:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        memory_gib = MEMORY_PER_JOB_GIB
+    return max(1, min(cores, int(memory_gib // MEMORY_PER_JOB_GIB)))
+
+
+def item_command(
+    spec: BatchSpec, item: Item, image: str, output: Path, gpu: bool, run_id: str | None = None
+) -> list[str]:
+    cmd = conversion_container(
+        [(spec.root, CONTAINER_SPEC_DIR, True), (output, CONTAINER_OUTPUT, False)],
+        {CONTAINER_SPEC_DIR: str(spec.root), CONTAINER_OUTPUT: str(output)},
+        gpu,
+    )
+    if run_id is not None:  # the item records it, so the runner can tell this run's outcome from an older one
+        cmd += ["-e", f"{RUN_ID_VARIABLE}={run_id}"]
+    spec_in_container = f"{CONTAINER_SPEC_DIR}/{spec.path.resolve().relative_to(spec.root)}"
+    cmd += [image, "batch", "run", spec_in_container, "--root", CONTAINER_SPEC_DIR]
+    cmd += ["--item", str(item.index), "--output", CONTAINER_OUTPUT]
+    return cmd
+
+
+def unfinished(record: dict | None, run_id: str, exit_code: int) -> str | None:
+    """Why the item's record after its container ended does not tell this run's outcome, or None when
+    it does: the container's own "ok" or "failed", of this run, and no "ok" from a container that
+    then failed."""
+    if not record or record.get("run_id") != run_id or record.get("status") not in FINISHED:
+        return "interrupted" if exit_code else "exited 0 without recording an outcome"
+    if record["status"] == "ok" and exit_code != 0:
+        return f"exit {exit_code} after recording ok"
+    return None
+
+
+def run_batch(
+    spec_path: Path,
+    output: Path,
+    image: str,
+    *,
+    jobs: int | None = None,
+    gpu: bool | None = None,
+    say: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True),
+) -> list[Outcome]:
+    spec = load_spec(spec_path.resolve())  # every problem of the spec, before anything runs
+    jobs = default_jobs() if jobs is None else jobs
+    if jobs < 1:
+        raise UsageError(f"--jobs {jobs}: run at least one item at a time")
+    if docker.image_id(image) is None:
+        raise UsageError(f"image {image} not found: build it with `invoke build` (or pass --image)")
+    output = output.resolve()
+    if output == spec.root or spec.root in output.parents:
+        raise UsageError(f"output {output} is inside the spec's folder {spec.root}: write the bundles elsewhere")
+    (output / STATUS_DIR).mkdir(parents=True, exist_ok=True)
+    gpu = docker_has_gpu_runtime() if gpu is None else gpu
+    total = len(spec.items)
+    say(
+        f"llm2wasm batch: {total} item(s) from {spec.path}, {jobs} at a time, in {image} "
+        f"{'on the GPU' if gpu else 'on the CPU'}; logs in {output / STATUS_DIR}/"
+    )
+    lock = threading.Lock()
+    done = 0
+
+    def run_one(item: Item) -> None:
+        nonlocal done
+        log_path = output / STATUS_DIR / f"item-{item.index}.log"
+        say(f"==> [{item.index}] {item.model_id}: converting")
+        run_id = new_run_id()
+        cmd = item_command(spec, item, image, output, gpu, run_id)
+        # before the container starts: if it is killed, "running" is left, not an earlier run's "ok"
+        running = mark_running(output, spec, item, run_id)
+        started = time.monotonic()
+        with open(log_path, "w") as log:
+            status = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        seconds = time.monotonic() - started
+        reason = unfinished(read_status(output, item.index), running["run_id"], status)
+        if reason:
+            mark_finished(output, running, "failed", status, seconds, reason)
+        with lock:
+            done += 1
+            progress = f"{done}/{total}"
+        if status == 0 and not reason:
+            say(f"<== [{item.index}] {item.model_id}: done in {seconds:.0f}s ({progress})")
+        else:
+            tail = "\n".join(f"      {line}" for line in log_path.read_text().splitlines()[-8:])
+            why = f"exit {status}" + (f"; {reason}" if reason else "")
+            say(
+                f"!!! [{item.index}] {item.model_id}: failed ({why}) in {seconds:.0f}s ({progress}); "
+                f"log: {log_path}\n{tail}"
+            )
+
+    with ThreadPoolExecutor(max_workers=min(jobs, total)) as pool:
+        list(pool.map(run_one, spec.items))
+    results, _ = collect(spec, output)
+    return results

@@ -1,0 +1,281 @@
+"""`invoke convert` on the host: run `llm2wasm convert` in the built image.
+
+The model (and adapter) are mounted read-only, OUT read-write; the container runs as the calling
+user so the files it writes are theirs; the GPU is passed through when Docker has the NVIDIA
+runtime (said either way). The container has no network and is given no secret: a model folder is
+hostile input (docs/SECURITY.md), and a token there could only leak, since nothing in it can use
+one. It runs with no capabilities, no privilege escalation and a bound on its processes, under
+`--init`, and is stopped when `invoke convert` is interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llm2wasm.errors import UsageError
+from llm2wasm.host import docker
+from llm2wasm.image.convert.outputlock import HOST_PID_VARIABLE
+from llm2wasm.image.hostpaths import HOST_PATHS_VARIABLE
+
+CONTAINER_OUTPUT_ROOT = "/output"
+# A conversion runs python, emcc (node), a few compilers in threads: far below this; a fork bomb not.
+CONVERSION_PIDS_LIMIT = 4096
+# What `docker stop` gives the converter to end its steps before it is killed.
+STOP_GRACE_SECONDS = 10
+# What a conversion's container may not take of the machine's memory: enough for the host to stay
+# responsive, so running out kills the conversion (exit 137, said so) and nothing else.
+HOST_MEMORY_RESERVE = 2**30
+MIN_MEMORY_LIMIT = 2 * 2**30
+
+
+def default_memory_limit() -> int | None:
+    """The machine's memory less a reserve for the host (None where it cannot be read)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return max(MIN_MEMORY_LIMIT, total - HOST_MEMORY_RESERVE)
+
+
+@dataclass
+class ConvertJob:
+    image: str
+    model_dir: Path
+    output: Path
+    quantization: str
+    adapter: Path | None = None
+    options: list[str] = field(default_factory=list)  # further `llm2wasm convert` options, passed through
+    user: str | None = None  # uid:gid; default: the caller's
+    gpu: bool | None = None  # None: detect
+
+
+def docker_has_gpu_runtime() -> bool:
+    result = docker.run(["info", "--format", "{{json .Runtimes}}"], check=False)
+    return result.returncode == 0 and "nvidia" in json.loads(result.stdout or "{}")
+
+
+def bind_mount(host: Path, container: str, read_only: bool) -> list[str]:
+    """`--mount` rather than `-v`: a host path with `:` is a path there, not a volume spec. The
+    fields are CSV (Docker reads them so), quoted where the path holds a comma or a quote."""
+    fields = ["type=bind", f"source={host}", f"target={container}", *(["readonly"] if read_only else [])]
+    if any(ch in str(host) for ch in "\n\r"):
+        raise UsageError(f"{host!r}: a path with a line break cannot be mounted; rename the folder")
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="").writerow(fields)
+    return ["--mount", buffer.getvalue()]
+
+
+def conversion_container(
+    mounts: list[tuple[Path, str, bool]], shown: dict[str, str], gpu: bool, user: str | None = None
+) -> list[str]:
+    """The start of every `docker run` a conversion runs in (`invoke convert`, each `invoke batch`
+    item): as the calling user (uid:gid), so the files it writes are theirs; without network and
+    without secrets; with the least it needs (no capabilities: it only reads and writes files as
+    that user; no setuid escalation; a bound on processes and on memory, short of the machine's);
+    under tini (`--init`), so a stop reaches
+    the converter and its children; the given (host folder, container path, read-only) mounts; the
+    host paths the container's messages show in place of its own (llm2wasm.image.hostpaths); the GPU when
+    asked (the NVIDIA runtime adds its devices itself, capabilities or not)."""
+    cmd = [docker.docker_bin(), "run", "--rm", "--init", "--user", user or f"{os.getuid()}:{os.getgid()}"]
+    cmd += ["--network", "none", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+    cmd += ["--pids-limit", str(CONVERSION_PIDS_LIMIT)]
+    memory = default_memory_limit()
+    if memory is not None:  # the same as swap: a conversion that does not fit fails, it does not thrash
+        cmd += ["--memory", str(memory), "--memory-swap", str(memory)]
+    for host, container, read_only in mounts:
+        cmd += bind_mount(host, container, read_only)
+    cmd += ["-e", f"{HOST_PATHS_VARIABLE}={json.dumps(shown)}", "-e", f"{HOST_PID_VARIABLE}={os.getpid()}"]
+    if gpu:
+        cmd += ["--gpus", "all"]
+    return cmd
+
+
+def check_output_folder(output: Path) -> None:
+    """OUT as the host sees it, before a container is started for it."""
+    if output.is_symlink() and not output.exists():
+        raise UsageError(f"output {output} is a symlink to {os.readlink(output)!r}, which does not exist: "
+                         "pass a folder (or create the one it points at)")  # fmt: skip
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"output {output} is a file: pass a folder for the bundle (it is created if missing)")
+    existing = output if output.exists() else next((p for p in output.parents if p.exists()), output.anchor)
+    if not Path(existing).is_dir():
+        raise UsageError(f"output {output}: {existing} is a file, not a folder: choose another output folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to {existing} (as uid {os.getuid()}): choose an output folder you can write to")
+
+
+def docker_command(job: ConvertJob, name: str | None = None) -> tuple[list[str], str]:
+    """The docker run command and a sentence on where the conversion runs."""
+    model_dir, output = job.model_dir.resolve(), job.output.resolve()
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"model folder {model_dir} has no config.json: pass a Hugging Face checkpoint folder")
+    if job.adapter is not None and not (job.adapter / "adapter_config.json").is_file():
+        raise UsageError(f"adapter folder {job.adapter} has no adapter_config.json: pass PEFT's save_pretrained folder")
+    check_output_folder(job.output)
+    if docker.image_id(job.image) is None:
+        raise UsageError(f"image {job.image} not found: build it with `invoke build` (or pass --image)")
+    # OUT is mounted under its own name, so the bundle's default model id, library name and README
+    # name the user's folder, not the mount point; the container's messages show host paths.
+    container_output = f"{CONTAINER_OUTPUT_ROOT}/{output.name}"
+    mounts = [(model_dir, "/input/model", True), (output, container_output, False)]
+    shown = {container_output: str(output), "/input/model": str(model_dir)}
+    if job.adapter is not None:
+        mounts.append((job.adapter.resolve(), "/input/adapter", True))
+        shown["/input/adapter"] = str(job.adapter.resolve())
+    gpu = docker_has_gpu_runtime() if job.gpu is None else job.gpu
+    where = "on the GPU (NVIDIA runtime found)" if gpu else "on the CPU: Docker has no NVIDIA runtime"
+    cmd = conversion_container(mounts, shown, gpu, job.user)
+    if name:
+        cmd += ["--name", name]
+    if sys.stdin.isatty():
+        cmd.append("-t")
+    cmd += [job.image, "convert", "/input/model", "--quantization", job.quantization, "-o", container_output]
+    if job.adapter is not None:
+        cmd += ["--adapter", "/input/adapter"]
+    cmd += job.options
+    return cmd, where
+
+
+def run_stoppable(command: list[str], name: str) -> int:
+    """Run a named container's `docker run` until it ends; on Ctrl-C or SIGTERM stop the container
+    (the docker client going away does not stop it) and return 130."""
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    process = subprocess.Popen(command)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        print(f"llm2wasm: interrupted: stopping the conversion (container {name}) …", file=sys.stderr, flush=True)
+        docker.run(["stop", "--time", str(STOP_GRACE_SECONDS), name], check=False)
+        try:
+            process.wait(timeout=STOP_GRACE_SECONDS + 20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_convert_job(job: ConvertJob) -> int:
+    name = f"llm2wasm-convert-{os.getpid()}-{secrets.token_hex(3)}"
+    cmd, where = docker_command(job, name)
+    created = not job.output.exists()
+    try:
+        job.output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create output folder {job.output}: {error.strerror}; choose another") from None
+    print(f"llm2wasm: converting in {job.image} {where}", file=sys.stderr)
+    status = run_stoppable(cmd, name)
+    if status == 137:
+        limit = default_memory_limit()
+        print(
+            "llm2wasm: the conversion was killed (exit 137): out of memory"
+            + (f" (its container may use {limit / 2**30:.1f} GiB, this machine's memory less 1 GiB)" if limit else "")
+            + " or by `docker kill`. Finished steps are kept: re-run to resume, with fewer conversions at once",
+            file=sys.stderr,
+        )
+    elif status == 130:
+        print("llm2wasm: stopped; finished steps are kept: re-run the same command to resume", file=sys.stderr)
+    elif status == 2 and created:
+        # bad input: the container wrote nothing, so leave nothing behind either
+        shutil.rmtree(job.output, ignore_errors=True)
+    return status
+
+
+@dataclass
+class PreviewJob:
+    image: str
+    bundle: Path
+    port: int = 8000
+    host: str = "127.0.0.1"  # where the port is published on this machine
+    name: str | None = None  # container name (tests stop it by name)
+    # the URL a browser opens (the server answers to its host only); default: this machine's
+    # loopback address when published on every address, else HOST
+    public_url: str | None = None
+
+    def url(self) -> str:
+        if self.public_url:
+            return self.public_url if self.public_url.endswith("/") else self.public_url + "/"
+        return f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.port}/"
+
+
+def preview_command(job: PreviewJob) -> list[str]:
+    """`llm2wasm preview` in the image, the bundle read-only, the port published on HOST only. The
+    bundle is hostile input, so the server gets the least it needs: no capabilities, no privilege
+    escalation, a bound on processes (a thread per connection), and a read-only root file system
+    (it writes nothing: it reads the bundle and answers; /tmp is a tmpfs should anything want one).
+    The public URL is what the browser opens; the server answers to that host only."""
+    bundle = job.bundle.resolve()
+    if not (bundle / "app-config.json").is_file():
+        raise UsageError(f"{bundle / 'app-config.json'} not found: {bundle} is not a bundle made by `invoke convert`")
+    if docker.image_id(job.image) is None:
+        raise UsageError(f"image {job.image} not found: build it with `invoke build` (or pass --image)")
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((job.host, job.port))
+        except OSError:
+            from llm2wasm.image.preview.server import port_in_use
+
+            raise port_in_use(job.host, job.port) from None
+    return [
+        docker.docker_bin(),
+        "run",
+        "--rm",
+        "--init",  # Ctrl-C stops the server
+        *(["--name", job.name] if job.name else []),
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        "--pids-limit",
+        "256",  # a thread per connection, and a browser opens a handful at a time
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "-p",
+        f"{job.host}:{job.port}:8000",
+        *bind_mount(bundle, "/bundle", read_only=True),
+        job.image,
+        "preview",
+        "/bundle",
+        "--host",
+        "0.0.0.0",  # inside the container; published on job.host only
+        "--port",
+        "8000",
+        "--public-url",
+        job.url(),
+    ]
+
+
+def run_preview_job(job: PreviewJob) -> int:
+    """Serve until interrupted; the container goes with the command (by name: killing only the
+    docker client, as an interrupt of this process alone does, would leave the server running)."""
+    if job.name is None:
+        job.name = f"llm2wasm-preview-{job.port}"
+    command = preview_command(job)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # a terminated task stops its server too
+    try:
+        return subprocess.run(command).returncode
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        docker.run(["rm", "-f", job.name], check=False)
