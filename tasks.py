@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,12 +21,25 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from llm2wasm.errors import BuildFailed, UsageError  # noqa: E402
 
+HELP_FLAGS = {"--help", "-h"}
+
+
+def show_task_help(name: str) -> None:
+    """invoke's own help of one task, as `invoke --help NAME` prints it."""
+    subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "--help", name], check=False)
+
 
 def friendly(func):
-    """Turn the package's errors into a one-line message and its exit status (2: bad input)."""
+    """Turn the package's errors into a one-line message and its exit status (2: bad input).
+
+    Also answers `invoke TASK --help` for tasks with a positional argument: invoke hands `--help` to
+    that argument as its value (`invoke convert --help` would look for a model folder named --help)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        if any(isinstance(value, str) and value in HELP_FLAGS for value in (*args[1:], *kwargs.values())):
+            show_task_help(func.__name__.replace("_", "-"))
+            return None
         try:
             return func(*args, **kwargs)
         except UsageError as error:
@@ -172,7 +186,7 @@ def verify(
         "quantization": "mlc_llm quantization for WebGPU: q4f16_1 (usual), q4f32_1, q3f16_1, q0f16, q0f32",
         "output": "output folder on this host; files are owned by you",
         "adapter": "PEFT adapter folder to merge first (mounted read-only)",
-        "conv_template": "mlc_llm conversation template (default: guessed from the model type)",
+        "conv_template": "mlc_llm conversation template (default: the one that renders like the model's chat template)",
         "model_id": "model_id in the WebLLM app config (default: the output folder's name)",
         "prefill_chunk_size": "prefill chunk size; 1024 avoids WebGPU buffer-size errors",
         "context_window": "context window size",
@@ -181,9 +195,10 @@ def verify(
         "profile": "which built image to use (llm2wasm:app-PROFILE); default stable",
         "image": "run this image instead of llm2wasm:app-PROFILE",
         "cpu": "do not pass the GPU even when Docker has the NVIDIA runtime",
-        "no-wgsl-repair": "fail on TVM's read_write buffer defect instead of repairing it (see docs/CONVERT.md)",
+        "wgsl_repair": "repair TVM's read_write buffer defect in the library's shaders (default); --no-wgsl-repair "
+        "fails on it instead (docs/CONVERT.md)",
         "device": "where the merge and weight conversion run: auto (default: the GPU when passed), cpu, cuda",
-        "link-opt": "emcc's -O level at the library's link: O2 (default, about twice as fast) or O3 (TVM's own)",
+        "link_opt": "emcc's -O level at the library's link: O2 (default, about twice as fast) or O3 (TVM's own)",
     }
 )
 @friendly
@@ -202,7 +217,7 @@ def convert(
     profile="stable",
     image=None,
     cpu=False,
-    no_wgsl_repair=False,
+    wgsl_repair=True,
     device=None,
     link_opt=None,
 ):
@@ -228,7 +243,7 @@ def convert(
             options += [flag, str(value)]
     if force:
         options.append("--force")
-    if no_wgsl_repair:
+    if not wgsl_repair:
         options.append("--no-wgsl-repair")
     job = ConvertJob(
         image=image or get_layer(FINAL_LAYER).tag(profile),
@@ -371,8 +386,10 @@ def publish(c, to, profile="stable", set_=None, no_push=False, repository="llm2w
 )
 @friendly
 def doctor(c, profile=None, set_=None):
-    """Check this host (docker CLI, engine, buildx, NVIDIA runtime, free disk) and, with --profile, the
-    profile's remote pins (the preflight `invoke build` runs first); each problem with its fix."""
+    """Check this host for Docker, buildx, the NVIDIA runtime and free disk; with --profile, its pins too.
+
+    The pins' check is the preflight `invoke build` runs first (every remote pin resolves); each
+    problem is printed with its fix."""
     from llm2wasm.host.doctor import check_host, report
 
     text, healthy = report(check_host(ROOT))
@@ -393,8 +410,10 @@ def doctor(c, profile=None, set_=None):
 
 @task(help={"profile": "remove this profile's images (default: every profile)"})
 def clean(c, profile=None):
-    """Remove llm2wasm's images (llm2wasm:* and the failed layers kept in llm2wasm-failed:*), build logs
-    and verification records."""
+    """Remove llm2wasm's images and its build records.
+
+    The images: llm2wasm:* and the failed layers kept in llm2wasm-failed:*; the records: build logs
+    and verification results in .llm2wasm/."""
     import shutil
 
     from llm2wasm.host import docker
@@ -488,9 +507,17 @@ def browser_check(c, profile="stable", image=None, keep=None, summary=None, scre
         raise Exit(f"browser check of {image} FAILED", code=1)
 
 
-@task(help={"action": "up, down or status"})
+MIRROR_ACTIONS = ("up", "down", "status")
+
+
+@task(help={"action": "up (start it, building what it serves the first time), down or status"})
+@friendly
 def mirror(c, action):
-    """Start or stop the hermetic local mirror (wheelhouse, git repositories, Debian base image)."""
+    """Start or stop the hermetic local mirror (wheelhouse, git repositories, Debian base image).
+
+    The hermetic profile builds from it alone: `invoke mirror up` before `invoke build --profile hermetic`."""
+    if action not in MIRROR_ACTIONS:
+        raise UsageError(f"invoke mirror {action!r}: the action is one of {', '.join(MIRROR_ACTIONS)}")
     c.run(f"{sys.executable} {ROOT / 'tests' / 'hermetic' / 'mirror.py'} {action}")
 
 

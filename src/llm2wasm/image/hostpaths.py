@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path, PurePath
 from typing import TextIO
 
 HOST_PATHS_VARIABLE = "LLM2WASM_HOST_PATHS"
@@ -30,6 +31,12 @@ def to_host(text: str, mapping: dict[str, str]) -> str:
     for container in sorted(mapping, key=len, reverse=True):
         text = text.replace(container, mapping[container])
     return text
+
+
+def shown_name(path: Path) -> str:
+    """The name the user knows a mounted folder by: the host folder's, not the mount point's
+    (`invoke convert ~/models/llama-ft` runs on /input/model)."""
+    return PurePath(to_host(str(path), host_paths())).name or path.name
 
 
 class HostPathStream:

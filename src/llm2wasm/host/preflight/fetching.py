@@ -22,6 +22,16 @@ MAX_PAGE_BYTES = 64 * 2**20
 HTTP_TIMEOUT = (5.0, 15.0)  # (connect, read) seconds
 SHOWN = 5  # how many "nearest" alternatives a message names
 UNREACHABLE_FIX = "check the network (and proxy settings), or --set the pin to a source this host can reach"
+# A source on this machine is the hermetic profile's mirror (tests/hermetic), which is either running or not:
+# the network has nothing to do with it.
+LOCAL_MIRROR_FIX = "start the local mirror the hermetic profile reads: invoke mirror up (invoke mirror status shows it)"
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def unreachable_fix(source: str) -> str:
+    """What to do when a source cannot be read: a local mirror is started, a remote one is reached."""
+    host = urlsplit(source if "://" in source else "//" + source).hostname or ""
+    return LOCAL_MIRROR_FIX if host in LOOPBACK_HOSTS else UNREACHABLE_FIX
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,7 @@ class SourceFailed(Exception):
         return cls(url, f"{url} answered HTTP {status}")
 
     def result(self, pins: tuple[str, ...]) -> PreflightResult:
-        return PreflightResult(pins, False, self.message, UNREACHABLE_FIX, self.source)
+        return PreflightResult(pins, False, self.message, unreachable_fix(self.source), self.source)
 
 
 # --- HTTP ------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from llm2wasm.errors import UsageError
 from llm2wasm.image.convert.inputs import ConvertRequest
+from llm2wasm.image.hostpaths import shown_name
 
 # WebLLM appends this to a model URL that has no /resolve/<rev>/ (web-llm cleanModelUrl).
 RESOLVE = Path("resolve") / "main"
@@ -175,9 +176,12 @@ def bundle_readme(request: ConvertRequest, model_path: Path) -> str:
         if request.needs_shader_f16
         else ""
     )
+    source = f"`{shown_name(request.model_dir)}`"
+    if request.adapter:
+        source += f" + adapter `{shown_name(request.adapter)}`"
     return f"""# {request.model_id}: a WebLLM model bundle
 
-Made by llm2wasm from `{request.model_dir.name}`{f" + adapter `{request.adapter.name}`" if request.adapter else ""}
+Made by llm2wasm from {source}
 ({request.quantization}, conversation template `{request.conv_template}`). {f16}
 - `{model_path}/`: weights (`tensor-cache.json`, `params_shard_*.bin`), `mlc-chat-config.json`, tokenizer
 - `lib/{request.model_id}.wasm`: the WebGPU model library

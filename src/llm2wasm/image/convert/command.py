@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
-from llm2wasm.errors import exit_status
+from llm2wasm.errors import UsageError, exit_status
 from llm2wasm.image.convert.inputs import DEFAULT_LINK_OPT, LINK_OPT_LEVELS
 
 
@@ -73,13 +74,27 @@ def convert_main(argv: list[str]) -> int:
     return exit_status(lambda: args.run(args))
 
 
+def require_the_image(command: str) -> None:
+    """`convert` and `selftest` run mlc_llm, which only the image has. Run elsewhere (the toolkit's
+    .venv installs the same `llm2wasm` command), say where they run instead of a ModuleNotFoundError
+    from deep inside the pipeline."""
+    if importlib.util.find_spec("mlc_llm") is None:
+        raise UsageError(
+            f"`llm2wasm {command}` runs inside the llm2wasm image, which has mlc_llm (this Python has not). "
+            "On this machine run it through the image: invoke convert MODEL_DIR -q q4f16_1 -o OUT --profile PROFILE "
+            "(PROFILE: stable with an NVIDIA GPU, cpu without one, hermetic without internet; docs/CONVERT.md)"
+        )
+
+
 def _run_convert(args: argparse.Namespace) -> int:
+    require_the_image("convert")
     from llm2wasm.image.convert.pipeline import run_convert
 
     return run_convert(args)
 
 
 def _run_selftest(args: argparse.Namespace) -> int:
+    require_the_image("selftest")
     from llm2wasm.image.convert.selftest import run_selftest
 
     return run_selftest(args, convert=convert_main)

@@ -3,6 +3,7 @@ naming what is wrong and how to fix it (exit status 2, nothing written)."""
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -186,6 +187,26 @@ def check_quantization(quantization: str, names: MlcNames) -> None:
         )
 
 
+def check_model_type(config: dict, model_dir: Path, names: MlcNames) -> None:
+    """The architecture first: no template, quantization or adapter question matters for a model that
+    mlc_llm cannot convert at all."""
+    model_type = str(config.get("model_type", ""))
+    if not names.model_types or model_type in names.model_types:
+        return
+    if not model_type:
+        raise UsageError(
+            f"{model_dir}/config.json has no model_type: it is not a transformers model config "
+            "(save the model with `save_pretrained`, which writes it)"
+        )
+    nearest = difflib.get_close_matches(model_type, names.model_types, n=3, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(repr(name) for name in nearest)}?)" if nearest else ""
+    raise UsageError(
+        f"the installed mlc_llm cannot convert model_type {model_type!r}{hint}: it converts "
+        f"{', '.join(names.model_types)}. A fine-tune converts when its base architecture is one of these; "
+        "other architectures need support in mlc_llm itself (docs/MODELS.md lists what llm2wasm tests)"
+    )
+
+
 def choose_template(
     conv_template: str | None, config: dict, names: MlcNames, has_chat_template: bool = False
 ) -> tuple[str | None, str | None]:
@@ -326,6 +347,7 @@ def build_request(args, names: MlcNames, previous_bundle) -> ConvertRequest:
     config = check_model_dir(model_dir, model_files)
     adapter = Path(args.adapter).resolve() if args.adapter else None
     adapter_files = select_adapter_files(adapter) if adapter is not None and adapter.is_dir() else None
+    check_model_type(config, model_dir, names)
     check_not_prequantized(config, model_dir, merging=adapter is not None)
     check_quantization(args.quantization, names)
     warnings: list[str] = []

@@ -21,7 +21,9 @@ _NAMES_SCRIPT = """
 import json
 from mlc_llm.quantization import QUANTIZATION
 from mlc_llm.interface.gen_config import CONV_TEMPLATES
-print(json.dumps({"quantizations": sorted(QUANTIZATION), "conv_templates": sorted(CONV_TEMPLATES)}))
+from mlc_llm.model import MODELS
+print(json.dumps({"quantizations": sorted(QUANTIZATION), "conv_templates": sorted(CONV_TEMPLATES),
+                  "model_types": sorted(MODELS)}))
 """
 
 
@@ -34,6 +36,7 @@ def python_executable() -> str:
 class MlcNames:
     quantizations: tuple[str, ...]
     conv_templates: tuple[str, ...]
+    model_types: tuple[str, ...] = ()  # the architectures (config.json's model_type) it converts; () = not read
 
 
 @cache
@@ -45,7 +48,7 @@ def installed_names() -> MlcNames:
             f"(is this the llm2wasm image?):\n{result.stderr.strip()[-2000:]}"
         )
     data = json.loads(result.stdout.strip().splitlines()[-1])
-    return MlcNames(tuple(data["quantizations"]), tuple(data["conv_templates"]))
+    return MlcNames(tuple(data["quantizations"]), tuple(data["conv_templates"]), tuple(data["model_types"]))
 
 
 def mlc_command(*args: str) -> list[str]:
