@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from llm2wasm.host.checks import normalize, requirement_pin, version_matches
+from llm2wasm.host.checks import lock_mismatches, normalize, requirement_pin, version_matches
+from llm2wasm.host.locks import lock_path, locked_versions
+from llm2wasm.host.pins import PROJECT_ROOT
 
 PINNED = [
     "torch_requirement",
@@ -28,6 +30,17 @@ def test_pinned_package_installed(installed, pins, pin):
     assert name in installed, f"{name} ({pin}) is not installed"
     if version:
         assert version_matches(installed[name], version), f"{name} {installed[name]} installed, {version} pinned"
+
+
+def test_every_locked_package_is_installed_at_its_locked_version(installed, pins):
+    """The ml layer installs the profile's hash lock (pip --require-hashes); nothing after it may move
+    a locked package, or the lock no longer says what is in the image. (The layer's label
+    io.llm2wasm.ml.lock names the lock; the joined images above carry the web branch's labels.)"""
+    lock = lock_path(PROJECT_ROOT, pins.pins)
+    if lock is None:
+        pytest.skip(f"profile {pins.name} has no ml lock (pin ml_lock)")
+    problems = lock_mismatches(installed, locked_versions(lock))
+    assert not problems, f"differs from {lock.name}:\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize("pin", ["mlc_ai_requirement", "mlc_llm_requirement"])

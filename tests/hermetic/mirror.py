@@ -48,7 +48,8 @@ STANDINS = ROOT / "tests" / "standins"
 sys.path.insert(0, str(ROOT / "src"))
 
 from llm2wasm.host.docker import image_id  # noqa: E402 (needs the sys.path line above)
-from llm2wasm.host.pins import resolve_profile  # noqa: E402 (needs the sys.path line above)
+from llm2wasm.host.locks import lock_path  # noqa: E402 (needs the sys.path line above)
+from llm2wasm.host.pins import PROJECT_ROOT, resolve_profile  # noqa: E402 (needs the sys.path line above)
 
 WHEELHOUSE_PORT = 38471
 GIT_PORT = 38472
@@ -383,23 +384,16 @@ def ensure_wheelhouse(mlc_llm_python: Path) -> Path:
     wheelhouse = cache_dir() / "wheelhouse"
     wheelhouse.mkdir(exist_ok=True)
     stamp = wheelhouse / ".llm2wasm-stamp.json"
-    wanted = {"requirements": wheelhouse_requirements()}
+    lock = lock_path(PROJECT_ROOT, resolve_profile("hermetic").pins)
+    wanted = {"requirements": wheelhouse_requirements(), "lock": hashlib.sha256(lock.read_bytes()).hexdigest()}
     if not (stamp.exists() and json.loads(stamp.read_text()) == wanted):
         log("downloading the wheelhouse (torch CPU, transformers, peft, bitsandbytes, apache-tvm, mlc_llm's needs)")
         # The host's own Python and platform are the containers' (Debian bookworm: CPython 3.11, x86_64).
-        run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--dest",
-                str(wheelhouse),
-                "--only-binary=:all:",
-                *wanted["requirements"],
-            ]
-        )
+        download = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:"]
+        download += ["--dest", str(wheelhouse)]
+        # the ml layer's lock first, checked file by file as the layer's own install checks it
+        run([*download, "--require-hashes", "-r", str(lock)])
+        run([*download, *wanted["requirements"]])
         stamp.write_text(json.dumps(wanted))
     build_local_wheels(wheelhouse, mlc_llm_python)
     ensure_webllm(wheelhouse)

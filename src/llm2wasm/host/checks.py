@@ -64,6 +64,20 @@ def version_matches(installed: str, pinned: str) -> bool:
         return installed == pinned
 
 
+def lock_mismatches(installed: dict[str, str], locked: dict[str, str]) -> list[str]:
+    """What differs from a hash lock (llm2wasm.host.locks): each locked package missing, or installed
+    at another version (a later install that moved it: the lock's hashes no longer describe it)."""
+    found = {normalize(name): version for name, version in installed.items()}
+    problems = []
+    for name, version in sorted(locked.items()):
+        have = found.get(normalize(name))
+        if have is None:
+            problems.append(f"{name} {version} is locked but not installed")
+        elif not version_matches(have, version):
+            problems.append(f"{name} {have} is installed, the lock has {version}")
+    return problems
+
+
 @dataclass(frozen=True)
 class CommitCheck:
     status: str  # "match" | "mismatch" | "unknown"

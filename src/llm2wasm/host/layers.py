@@ -96,6 +96,7 @@ LAYERS: tuple[Layer, ...] = (
             "TRANSFORMERS_REQUIREMENT": "transformers_requirement",
             "PEFT_REQUIREMENT": "peft_requirement",
             "BITSANDBYTES_REQUIREMENT": "bitsandbytes_requirement",
+            "ML_LOCK": "ml_lock",
         },
         keeps=(
             ("/opt/venv", "torch, transformers, peft, bitsandbytes and the MLC wheels, which conversions import"),

@@ -35,7 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from llm2wasm.host.pins import Profile
+from llm2wasm.host.findings import report_lines
+from llm2wasm.host.locks import lock_problem
+from llm2wasm.host.pins import PROJECT_ROOT, Profile
 from llm2wasm.host.preflight.fetching import (
     HTTP_TIMEOUT,
     Fetcher,
@@ -150,6 +152,11 @@ def run_preflight(
         early.append(
             PreflightResult(("mlc_wheel_index",), False, "mlc_wheel_index is empty", "--set mlc_wheel_index=URL")
         )
+    # the lock is a file of this checkout, not a remote pin, but a stale one would install other
+    # versions than the pins say: caught here, before anything is built
+    stale_lock = lock_problem(PROJECT_ROOT, profile.name, profile.pins)
+    if stale_lock:
+        early.append(PreflightResult(("ml_lock",), False, stale_lock))
     if target is not None:
         wheel_pins = [(pin, PipSources((), (mlc_index,))) for pin in MLC_WHEEL_PINS] if mlc_index else []
         if pip_sources is not None:
@@ -192,8 +199,6 @@ def run_preflight(
 
 def format_results(results: Iterable[PreflightResult]) -> tuple[str, bool]:
     """In doctor's layout: 'ok  ...' / 'NO  ...' with the fix under each problem; and all ok?"""
-    from llm2wasm.host.doctor import report_lines
-
     return report_lines((result.ok, result.message, result.fix) for result in results)
 
 
