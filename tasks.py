@@ -9,7 +9,6 @@ invoke test | lint | layers | mirror | publish | doctor | clean
 from __future__ import annotations
 
 import functools
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -92,43 +91,23 @@ def build(
     """Build the layer graph; each layer is verified (testinfra) before any layer built on it.
 
     The final image counts as verified only after a real conversion in it (`llm2wasm selftest`)."""
-    from llm2wasm.host.build import Reporter, build_plan
+    from llm2wasm.host.build import build_images
     from llm2wasm.host.pins import resolve_profile
-    from llm2wasm.host.plan import make_plan
-    from llm2wasm.host.report import build_report, write_report
 
-    if report and Path(report).suffix not in (".md", ".json"):
-        raise UsageError(f"--report {report}: name a .md or .json file")
-
-    plan = make_plan(
+    build_images(
         resolve_profile(profile, set_ or []),
         until=until,
         repository=repository,
         images_dir=Path(images) if images else None,
-        # the dry run asks no server: what the preflight resolves is shown as a placeholder
-        resolved={} if no_preflight else None,
+        dry_run=dry_run,
+        quiet=quiet,
+        reverify=reverify,
+        no_cache=no_cache,
+        report=Path(report) if report else None,
+        preflight=not no_preflight,
+        selftest=not no_selftest,
+        jobs=int(jobs),
     )
-    if dry_run:
-        print(plan.describe())
-        return
-    reporter = Reporter(quiet=quiet)
-    if no_preflight:
-        reporter.say(f"==> {plan.unpinned_note()}")
-    else:
-        from llm2wasm.host.preflight import preflight_or_stop
-
-        resolved = preflight_or_stop(plan.profile, [step.layer.name for step in plan.steps], reporter.say)
-        plan = plan.with_resolved(resolved)
-        for line in plan.resolution_lines():
-            reporter.say(f"    pinned: {line}")
-    if int(jobs) < 1:
-        raise UsageError(f"--jobs {jobs}: build at least one layer at a time (--jobs 1 builds them one by one)")
-    results = build_plan(plan, reporter, reverify=reverify, no_cache=no_cache, selftest=not no_selftest, jobs=int(jobs))
-    summary = build_report(plan.profile.name, results)
-    print(summary.to_markdown())
-    if report:
-        write_report(summary, Path(report))
-    print(f"built and verified {len(results)} layer(s); final image {results[-1].tag}")
 
 
 @task(
@@ -149,33 +128,16 @@ def verify(
 ):
     """Run the testinfra checks on built images, on demand."""
     from llm2wasm.host.pins import resolve_profile
-    from llm2wasm.host.state import STATE_DIR
-    from llm2wasm.host.verify import run_selftest, selftest_tag, verify_built
+    from llm2wasm.host.verify import verify_images
 
-    failed = []
-    resolved = resolve_profile(profile, set_ or [])
-    tag = selftest_tag(resolved, repository) if selftest else None  # a missing image stops before any check
-    results = verify_built(resolved, layer, repository=repository, own_only=own_only, full=full)
-    for result, selection in results:
-        scope = ""
-        if selection is not None and selection.has_parents:
-            scope = "  parents' checks carried over" if selection.parents_carried_over else "  with parents' checks"
-        print(
-            f"{result.layer:12} {'PASS' if result.passed else 'FAIL'}  {result.summary}  ({result.seconds:.1f}s){scope}"
-        )
-        if not result.passed:
-            print(result.output)
-            failed.append(result.layer)
-    if tag:
-        log = STATE_DIR / "logs" / resolved.name / "verify-selftest.log"
-        outcome, seconds = run_selftest(tag, log)
-        passed = outcome.returncode == 0
-        print(
-            f"{'selftest':12} {'PASS' if passed else 'FAIL'}  a real conversion in {tag}  ({seconds:.1f}s)  log: {log}"
-        )
-        if not passed:
-            print("\n".join((outcome.stdout + outcome.stderr).splitlines()[-30:]))
-            failed.append("selftest")
+    failed = verify_images(
+        resolve_profile(profile, set_ or []),
+        layer,
+        repository=repository,
+        own_only=own_only,
+        full=full,
+        selftest=selftest,
+    )
     if failed:
         raise Exit(f"checks failed for: {', '.join(failed)}", code=1)
 
@@ -223,35 +185,29 @@ def convert(
 ):
     """Convert a model (and optional PEFT adapter) into a WebLLM bundle, in the built image."""
     from llm2wasm.host.layers import FINAL_LAYER, get_layer
-    from llm2wasm.host.run import ConvertJob, run_convert_job
+    from llm2wasm.host.run import ConvertJob, convert_options, run_convert_job
 
     if not quantization or not output:
         raise UsageError(
             "convert needs --quantization (-q) and --output (-o): invoke convert MODEL_DIR -q q4f16_1 -o OUT"
         )
-    options = []
-    for flag, value in (
-        ("--conv-template", conv_template),
-        ("--model-id", model_id),
-        ("--prefill-chunk-size", prefill_chunk_size),
-        ("--context-window", context_window),
-        ("--base-url", base_url),
-        ("--device", device),
-        ("--link-opt", link_opt),
-    ):
-        if value is not None:
-            options += [flag, str(value)]
-    if force:
-        options.append("--force")
-    if not wgsl_repair:
-        options.append("--no-wgsl-repair")
     job = ConvertJob(
         image=image or get_layer(FINAL_LAYER).tag(profile),
         model_dir=Path(model_dir),
         output=Path(output),
         quantization=quantization,
         adapter=Path(adapter) if adapter else None,
-        options=options,
+        options=convert_options(
+            conv_template=conv_template,
+            model_id=model_id,
+            prefill_chunk_size=prefill_chunk_size,
+            context_window=context_window,
+            base_url=base_url,
+            device=device,
+            link_opt=link_opt,
+            force=force,
+            no_wgsl_repair=not wgsl_repair,
+        ),
         gpu=False if cpu else None,
     )
     status = run_convert_job(job)
@@ -288,35 +244,22 @@ def batch(
     cpu=False,
 ):
     """Convert every item of a batch spec in the built image, a few at a time; one app config for all."""
+    from llm2wasm.host.batchrun import batch_command
     from llm2wasm.host.layers import FINAL_LAYER, get_layer
-    from llm2wasm.image.batch import github, k8s, status
-    from llm2wasm.image.batch.spec import load_spec
 
-    image = image or get_layer(FINAL_LAYER).tag(profile)
-    if matrix or k8s:
-        loaded = load_spec(Path(spec), check_paths=False)
-        if matrix:
-            print(json.dumps(github.matrix(loaded)))
-        else:
-            documents = k8s.kubernetes_manifests(
-                loaded, Path(spec).read_text(), image=image, claim=claim, parallelism=int(parallelism)
-            )
-            print(k8s.to_yaml(documents), end="")
-        return
-    if not output:
-        raise UsageError("batch needs --output (-o): invoke batch models.toml -o OUT")
-    from llm2wasm.host.batchrun import run_batch
-
-    results = run_batch(
-        Path(spec), Path(output), image, jobs=None if jobs is None else int(jobs), gpu=False if cpu else None
+    failed = batch_command(
+        Path(spec),
+        Path(output) if output else None,
+        image or get_layer(FINAL_LAYER).tag(profile),
+        jobs=None if jobs is None else int(jobs),
+        gpu=False if cpu else None,
+        matrix=matrix,
+        k8s=k8s,
+        claim=claim,
+        parallelism=int(parallelism),
     )
-    print(status.table(results))
-    succeeded = [outcome for outcome in results if outcome.status == "ok"]
-    print(f"{len(succeeded)} of {len(results)} bundle(s) in {Path(output) / 'app-config.json'}", file=sys.stderr)
-    if len(succeeded) < len(results):
-        raise Exit(
-            f"{len(results) - len(succeeded)} item(s) failed; their logs are in {Path(output) / '.batch'}/", code=1
-        )
+    if failed:
+        raise Exit(f"{failed} item(s) failed; their logs are in {Path(output) / '.batch'}/", code=1)
 
 
 @task(
@@ -390,21 +333,13 @@ def doctor(c, profile=None, set_=None):
 
     The pins' check is the preflight `invoke build` runs first (every remote pin resolves); each
     problem is printed with its fix."""
-    from llm2wasm.host.doctor import check_host, report
+    from llm2wasm.host.doctor import doctor_command
+    from llm2wasm.host.pins import resolve_profile
 
-    text, healthy = report(check_host(ROOT))
-    print(text)
-    pins_resolve = True
-    if profile:
-        from llm2wasm.host.pins import resolve_profile
-        from llm2wasm.host.preflight import format_results, run_preflight
-
-        print(f"pins of profile {profile}:")
-        pins_text, pins_resolve = format_results(run_preflight(resolve_profile(profile, set_ or [])))
-        print(pins_text)
-    if not pins_resolve:
+    status = doctor_command(ROOT, resolve_profile(profile, set_ or []) if profile else None)
+    if status == 2:
         raise Exit("doctor: pins do not resolve (see the fixes above)", code=2)
-    if not healthy:
+    if status:
         raise Exit("doctor found problems (see the fixes above)", code=1)
 
 
@@ -414,19 +349,9 @@ def clean(c, profile=None):
 
     The images: llm2wasm:* and the failed layers kept in llm2wasm-failed:*; the records: build logs
     and verification results in .llm2wasm/."""
-    import shutil
+    from llm2wasm.host.build import remove_images
 
-    from llm2wasm.host import docker
-    from llm2wasm.host.build import failed_tag
-    from llm2wasm.host.layers import LAYERS
-    from llm2wasm.host.pins import profile_names
-    from llm2wasm.host.state import STATE_DIR
-
-    for name in [profile] if profile else profile_names():
-        for layer in LAYERS:
-            docker.remove_image(layer.tag(name))
-            docker.remove_image(failed_tag(layer.tag(name)))
-    shutil.rmtree(STATE_DIR, ignore_errors=True)
+    remove_images(profile)
     print("removed llm2wasm images and .llm2wasm/")
 
 
@@ -480,31 +405,50 @@ def browser_check(c, profile="stable", image=None, keep=None, summary=None, scre
     A tiny model is made in the image, converted (q0f32, or q4f32_1 with --quantization) and run in
     WebLLM in headless Chromium (WebGPU on the CPU); exit 1 when the tokens differ or the browser
     reports an error."""
-    import tempfile
-
-    from llm2wasm.host.browsercheck import BrowserCheckFailed, browser_check, summary_markdown
+    from llm2wasm.host.browsercheck import BrowserCheckFailed, browser_check_command
     from llm2wasm.host.layers import FINAL_LAYER, get_layer
 
     image = image or get_layer(FINAL_LAYER).tag(profile)
-    with tempfile.TemporaryDirectory(prefix="llm2wasm-browser-check-") as tmp:
-        work = Path(keep).resolve() if keep else Path(tmp)
-        try:
-            check = browser_check(
-                image,
-                work,
-                Path(screenshot) if screenshot else None,
-                say=lambda m: print(m, file=sys.stderr),
-                quantization=quantization,
-            )
-        except BrowserCheckFailed as error:
-            raise Exit(f"browser check of {image}: {error}", code=1) from None
-    text = summary_markdown(check)
-    print(text)
-    if summary:
-        with open(summary, "a") as handle:
-            handle.write(text)
-    if not check.ok:
+    try:
+        passed = browser_check_command(
+            image,
+            Path(keep).resolve() if keep else None,
+            screenshot=Path(screenshot) if screenshot else None,
+            summary=Path(summary) if summary else None,
+            quantization=quantization,
+        )
+    except BrowserCheckFailed as error:
+        raise Exit(f"browser check of {image}: {error}", code=1) from None
+    if not passed:
         raise Exit(f"browser check of {image} FAILED", code=1)
+
+
+@task(
+    help={
+        "profile": PROFILE_HELP,
+        "find_links": "also look for wheels in this folder (default for hermetic: the mirror's wheelhouse)",
+    }
+)
+@friendly
+def lock(c, profile="stable", find_links=None):
+    """Write the profile's hash lock of the ml layer's requirements (images/ml/locks/, pin ml_lock).
+
+    Run it after changing torch/transformers/peft/bitsandbytes pins; the build refuses a lock that
+    no longer matches them."""
+    from llm2wasm.host.locks import compile_lock, lock_path
+    from llm2wasm.host.pins import resolve_profile
+
+    pins = resolve_profile(profile)
+    target = lock_path(ROOT, pins)
+    if target is None:
+        raise UsageError(f"profile {profile} has no ml_lock pin: name a file of images/ml/locks/ in images/pins.toml")
+    if find_links is None and profile == "hermetic":
+        sys.path.insert(0, str(ROOT / "tests" / "hermetic"))
+        import mirror as hermetic_mirror
+
+        find_links = hermetic_mirror.cache_dir() / "wheelhouse"
+    compile_lock(pins, target, find_links=Path(find_links) if find_links else None)
+    print(f"wrote {target.relative_to(ROOT)}")
 
 
 MIRROR_ACTIONS = ("up", "down", "status")
@@ -522,5 +466,5 @@ def mirror(c, action):
 
 
 ns = Collection(
-    build, verify, convert, batch, preview, browser_check, publish, layers, lint, test, mirror, doctor, clean
+    build, verify, convert, batch, preview, browser_check, publish, layers, lint, test, mirror, doctor, clean, lock
 )

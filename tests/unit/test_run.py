@@ -176,3 +176,34 @@ def test_a_conversion_cannot_take_all_of_the_machines_memory(tmp_path, model, im
     total = run_module.os.sysconf("SC_PAGE_SIZE") * run_module.os.sysconf("SC_PHYS_PAGES")
     limit = int(head[head.index("--memory") + 1])
     assert limit == max(2 * 2**30, total - 2**30) and head[head.index("--memory-swap") + 1] == str(limit)
+
+
+def test_convert_options_pass_values_and_flags_and_leave_out_the_rest():
+    assert run_module.convert_options(
+        conv_template="chatml", model_id=None, context_window=4096, force=True, no_wgsl_repair=False
+    ) == ["--conv-template", "chatml", "--context-window", "4096", "--force"]
+    assert run_module.convert_options(no_wgsl_repair=True, link_opt="O3") == ["--no-wgsl-repair", "--link-opt", "O3"]
+
+
+def test_every_option_the_convert_task_passes_is_one_the_image_command_takes():
+    from llm2wasm.image.convert.command import convert_parser
+
+    options = run_module.convert_options(
+        conv_template="chatml",
+        model_id="m",
+        prefill_chunk_size=1024,
+        context_window=4096,
+        base_url="https://example.com/",
+        device="cpu",
+        link_opt="O3",
+        force=True,
+        no_wgsl_repair=True,
+    )
+    parsed = convert_parser().parse_args(["/input/model", "-q", "q4f16_1", "-o", "/output/x", *options])
+    assert (parsed.conv_template, parsed.model_id, parsed.prefill_chunk_size, parsed.context_window) == (
+        "chatml",
+        "m",
+        1024,
+        4096,
+    )
+    assert parsed.force and parsed.no_wgsl_repair and parsed.link_opt == "O3" and parsed.device == "cpu"

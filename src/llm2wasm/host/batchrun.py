@@ -11,6 +11,7 @@ OUT/app-config.json and OUT/batch-report.json (llm2wasm.image.batch.status), wit
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from llm2wasm.image.batch.status import (
     mark_running,
     new_run_id,
     read_status,
+    table,
 )
 
 CONTAINER_SPEC_DIR = "/batch"
@@ -140,3 +142,39 @@ def run_batch(
         list(pool.map(run_one, spec.items))
     results, _ = collect(spec, output)
     return results
+
+
+def batch_command(
+    spec: Path,
+    output: Path | None,
+    image: str,
+    *,
+    jobs: int | None = None,
+    gpu: bool | None = None,
+    matrix: bool = False,
+    k8s: bool = False,
+    claim: str = "llm2wasm-batch",
+    parallelism: int = 2,
+) -> int:
+    """`invoke batch`: the GitHub matrix or the Kubernetes Job of a spec (printed), or every item run
+    here, a table of outcomes printed; the number of items that failed."""
+    if matrix or k8s:
+        from llm2wasm.image.batch import github
+        from llm2wasm.image.batch import k8s as kubernetes
+
+        loaded = load_spec(spec, check_paths=False)
+        if matrix:
+            print(json.dumps(github.matrix(loaded)))
+        else:
+            documents = kubernetes.kubernetes_manifests(
+                loaded, spec.read_text(), image=image, claim=claim, parallelism=parallelism
+            )
+            print(kubernetes.to_yaml(documents), end="")
+        return 0
+    if output is None:
+        raise UsageError("batch needs --output (-o): invoke batch models.toml -o OUT")
+    results = run_batch(spec, output, image, jobs=jobs, gpu=gpu)
+    print(table(results))
+    succeeded = [outcome for outcome in results if outcome.status == "ok"]
+    print(f"{len(succeeded)} of {len(results)} bundle(s) in {output / 'app-config.json'}", file=sys.stderr)
+    return len(results) - len(succeeded)

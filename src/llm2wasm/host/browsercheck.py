@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -138,3 +139,26 @@ def summary_markdown(check: BrowserCheck) -> str:
     if check.problems:
         lines += ["", "### Problems", *(f"- {p}" for p in check.problems)]
     return "\n".join(lines) + "\n"
+
+
+def browser_check_command(
+    image: str, keep: Path | None, *, screenshot: Path | None, summary: Path | None, quantization: str
+) -> bool:
+    """`invoke browser-check`: the check in `keep` (or a temporary folder), its Markdown printed and
+    appended to `summary`; whether it passed (BrowserCheckFailed: it could not run)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="llm2wasm-browser-check-") as scratch:
+        check = browser_check(
+            image,
+            keep or Path(scratch),
+            screenshot,
+            say=lambda message: print(message, file=sys.stderr),
+            quantization=quantization,
+        )
+    text = summary_markdown(check)
+    print(text)
+    if summary is not None:
+        with open(summary, "a") as handle:
+            handle.write(text)
+    return check.ok

@@ -20,8 +20,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llm2wasm.errors import BuildFailed
+from llm2wasm.errors import BuildFailed, UsageError
 from llm2wasm.host import docker
+from llm2wasm.host.pins import Profile
 from llm2wasm.host.plan import BuildPlan, Step
 from llm2wasm.host.state import STATE_DIR, VerifiedImages, checks_digest
 from llm2wasm.host.verify import run_checks, run_selftest, select_checks
@@ -268,3 +269,71 @@ def keep_failed_image(image_id: str, tag: str) -> str:
     kept = failed_tag(tag)
     retag(image_id, kept)
     return kept
+
+
+def build_images(
+    profile: Profile,
+    *,
+    until: str | None = None,
+    repository: str = "llm2wasm",
+    images_dir: Path | None = None,
+    dry_run: bool = False,
+    quiet: bool = False,
+    reverify: bool = False,
+    no_cache: bool = False,
+    report: Path | None = None,
+    preflight: bool = True,
+    selftest: bool = True,
+    jobs: int = BUILD_JOBS,
+) -> list[LayerResult]:
+    """`invoke build`: the preflight, then the plan layer by layer, then the report."""
+    from llm2wasm.host.plan import make_plan
+    from llm2wasm.host.report import build_report, write_report
+
+    if report is not None and report.suffix not in (".md", ".json"):
+        raise UsageError(f"--report {report}: name a .md or .json file")
+    if jobs < 1:
+        raise UsageError(f"--jobs {jobs}: build at least one layer at a time (--jobs 1 builds them one by one)")
+    plan = make_plan(
+        profile,
+        until=until,
+        repository=repository,
+        images_dir=images_dir,
+        # the dry run asks no server: what the preflight resolves is shown as a placeholder
+        resolved=None if preflight else {},
+    )
+    if dry_run:
+        print(plan.describe())
+        return []
+    reporter = Reporter(quiet=quiet)
+    if not preflight:
+        reporter.say(f"==> {plan.unpinned_note()}")
+    else:
+        from llm2wasm.host.preflight import preflight_or_stop
+
+        resolved = preflight_or_stop(plan.profile, [step.layer.name for step in plan.steps], reporter.say)
+        plan = plan.with_resolved(resolved)
+        for line in plan.resolution_lines():
+            reporter.say(f"    pinned: {line}")
+    results = build_plan(plan, reporter, reverify=reverify, no_cache=no_cache, selftest=selftest, jobs=jobs)
+    summary = build_report(plan.profile.name, results)
+    print(summary.to_markdown())
+    if report is not None:
+        write_report(summary, report)
+    print(f"built and verified {len(results)} layer(s); final image {results[-1].tag}")
+    return results
+
+
+def remove_images(profile: str | None = None) -> None:
+    """`invoke clean`: every layer's image of the profile (of every profile by default), the failed
+    layers kept beside them, and the build records (.llm2wasm/)."""
+    import shutil
+
+    from llm2wasm.host.layers import LAYERS
+    from llm2wasm.host.pins import profile_names
+
+    for name in [profile] if profile else profile_names():
+        for layer in LAYERS:
+            docker.remove_image(layer.tag(name))
+            docker.remove_image(failed_tag(layer.tag(name)))
+    shutil.rmtree(STATE_DIR, ignore_errors=True)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from llm2wasm.host.findings import report_lines
+from llm2wasm.host.pins import Profile
 
 MIN_FREE_GB = 25
 
@@ -81,13 +83,17 @@ def report(findings: list[Finding]) -> tuple[str, bool]:
     return report_lines((finding.ok, finding.what, finding.fix) for finding in findings)
 
 
-def report_lines(items: Iterable[tuple[bool, str, str]]) -> tuple[str, bool]:
-    """'ok  what' / 'NO  what' with the fix under each problem (the host checks and the preflight); all ok?"""
-    lines = []
-    healthy = True
-    for ok, what, fix in items:
-        lines.append(f"{'ok ' if ok else 'NO '} {what}")
-        if not ok and fix:
-            lines.append(f"     fix: {fix}")
-        healthy = healthy and ok
-    return "\n".join(lines), healthy
+def doctor_command(root: Path, profile: Profile | None = None) -> int:
+    """`invoke doctor`: the host's report, and with a profile its preflight; 2 when a pin does not
+    resolve, 1 when the host has a problem, else 0."""
+    text, healthy = report(check_host(root))
+    print(text)
+    if profile is not None:
+        from llm2wasm.host.preflight import format_results, run_preflight
+
+        print(f"pins of profile {profile.name}:")
+        pins_text, pins_resolve = format_results(run_preflight(profile))
+        print(pins_text)
+        if not pins_resolve:
+            return 2
+    return 0 if healthy else 1

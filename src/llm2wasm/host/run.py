@@ -59,6 +59,19 @@ class ConvertJob:
     gpu: bool | None = None  # None: detect
 
 
+def convert_options(**options: object) -> list[str]:
+    """`llm2wasm convert`'s options from the task's keywords: a value as `--name value`, True as a
+    flag; None and False are left out (the command's own defaults apply)."""
+    arguments: list[str] = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            arguments.append(flag)
+        elif value is not None and value is not False:
+            arguments += [flag, str(value)]
+    return arguments
+
+
 def docker_has_gpu_runtime() -> bool:
     result = docker.run(["info", "--format", "{{json .Runtimes}}"], check=False)
     return result.returncode == 0 and "nvidia" in json.loads(result.stdout or "{}")

@@ -215,3 +215,39 @@ def run_checks(
         output=output,
         seconds=time.monotonic() - started,
     )
+
+
+def verify_images(
+    profile: Profile,
+    layer: str | None = None,
+    *,
+    repository: str = "llm2wasm",
+    own_only: bool = False,
+    full: bool = False,
+    selftest: bool = False,
+) -> list[str]:
+    """`invoke verify`: each layer's checks (and with `selftest`, a real conversion), a line each;
+    the names of what failed."""
+    from llm2wasm.host.state import STATE_DIR
+
+    failed = []
+    tag = selftest_tag(profile, repository) if selftest else None  # a missing image stops before any check
+    for result, selection in verify_built(profile, layer, repository=repository, own_only=own_only, full=full):
+        scope = ""
+        if selection is not None and selection.has_parents:
+            scope = "  parents' checks carried over" if selection.parents_carried_over else "  with parents' checks"
+        verdict = "PASS" if result.passed else "FAIL"
+        print(f"{result.layer:12} {verdict}  {result.summary}  ({result.seconds:.1f}s){scope}")
+        if not result.passed:
+            print(result.output)
+            failed.append(result.layer)
+    if tag:
+        log = STATE_DIR / "logs" / profile.name / "verify-selftest.log"
+        outcome, seconds = run_selftest(tag, log)
+        passed = outcome.returncode == 0
+        verdict = "PASS" if passed else "FAIL"
+        print(f"{'selftest':12} {verdict}  a real conversion in {tag}  ({seconds:.1f}s)  log: {log}")
+        if not passed:
+            print("\n".join((outcome.stdout + outcome.stderr).splitlines()[-30:]))
+            failed.append("selftest")
+    return failed
