@@ -110,6 +110,14 @@ def test_the_container_runs_with_the_least_it_needs(tmp_path, model, image_prese
     assert head[head.index("--security-opt") + 1] == "no-new-privileges"
     assert int(head[head.index("--pids-limit") + 1]) > 0
     assert "--init" in head and "-v" not in head and "--privileged" not in head
+    assert "--read-only" in head and head[head.index("--tmpfs") + 1] == "/tmp:rw,nosuid,nodev,noexec"
+
+
+def test_with_the_gpu_the_root_stays_writable_for_the_nvidia_hook(tmp_path, model, image_present):
+    cmd, _ = docker_command(ConvertJob(image="img", model_dir=model, output=tmp_path / "o", quantization="q", gpu=True))
+    head = cmd[: cmd.index("img")]
+    assert "--gpus" in head and "--read-only" not in head
+    assert head[head.index("--cap-drop") + 1] == "ALL"
 
 
 def test_a_path_with_colon_or_comma_is_mounted_as_itself(tmp_path, image_present):

@@ -72,6 +72,10 @@ def convert_options(**options: object) -> list[str]:
     return arguments
 
 
+# the conversion's scratch on a read-only root; its pages count against the container's memory limit
+SCRATCH_TMPFS = "/tmp:rw,nosuid,nodev,noexec"
+
+
 def docker_has_gpu_runtime() -> bool:
     result = docker.run(["info", "--format", "{{json .Runtimes}}"], check=False)
     return result.returncode == 0 and "nvidia" in json.loads(result.stdout or "{}")
@@ -98,10 +102,18 @@ def conversion_container(
     under tini (`--init`), so a stop reaches
     the converter and its children; the given (host folder, container path, read-only) mounts; the
     host paths the container's messages show in place of its own (llm2wasm.image.hostpaths); the GPU when
-    asked (the NVIDIA runtime adds its devices itself, capabilities or not)."""
+    asked (the NVIDIA runtime adds its devices itself, capabilities or not).
+
+    The root file system is read-only, /tmp a tmpfs (no devices, setuid or executables on it): what a
+    model folder gets to run cannot change the image under the next conversion, and writes only to
+    the output and to scratch that goes with the container (emscripten's cache: llm2wasm.image.convert.
+    emcache). Not with the GPU: the NVIDIA runtime's hook writes into the container's root (its
+    library cache), which has not been tried against a read-only root here."""
     cmd = [docker.docker_bin(), "run", "--rm", "--init", "--user", user or f"{os.getuid()}:{os.getgid()}"]
     cmd += ["--network", "none", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
     cmd += ["--pids-limit", str(CONVERSION_PIDS_LIMIT)]
+    if not gpu:
+        cmd += ["--read-only", "--tmpfs", SCRATCH_TMPFS]
     memory = default_memory_limit()
     if memory is not None:  # the same as swap: a conversion that does not fit fails, it does not thrash
         cmd += ["--memory", str(memory), "--memory-swap", str(memory)]

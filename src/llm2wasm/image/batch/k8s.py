@@ -84,8 +84,8 @@ def kubernetes_manifests(
             "runAsNonRoot": True,
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
-            # emcc writes its library cache in the image (see the module's docstring)
-            "readOnlyRootFilesystem": False,
+            # emcc's cache: a writable view in /tmp (see the module's docstring)
+            "readOnlyRootFilesystem": True,
         },
     }
     resources = _resources(spec)

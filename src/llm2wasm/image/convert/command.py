@@ -77,7 +77,11 @@ def convert_main(argv: list[str]) -> int:
 def require_the_image(command: str) -> None:
     """`convert` and `selftest` run mlc_llm, which only the image has. Run elsewhere (the toolkit's
     .venv installs the same `llm2wasm` command), say where they run instead of a ModuleNotFoundError
-    from deep inside the pipeline."""
+    from deep inside the pipeline. In the image, on a read-only root, give emscripten a cache it
+    can write to (llm2wasm.image.convert.emcache) before anything links."""
+    from llm2wasm.image.convert.emcache import ensure_writable_cache
+
+    ensure_writable_cache()
     if importlib.util.find_spec("mlc_llm") is None:
         raise UsageError(
             f"`llm2wasm {command}` runs inside the llm2wasm image, which has mlc_llm (this Python has not). "
