@@ -215,3 +215,26 @@ def test_every_option_the_convert_task_passes_is_one_the_image_command_takes():
         4096,
     )
     assert parsed.force and parsed.no_wgsl_repair and parsed.link_opt == "O3" and parsed.device == "cpu"
+
+
+def test_a_hub_snapshot_is_mounted_file_by_file_as_regular_files(tmp_path, image_present):
+    """A snapshot folder of the Hub cache links into blobs/, which the converter would refuse (a link
+    out of the model folder); each file is mounted on its own, the link resolved."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for name, content in (("config.json", "{}"), ("model.safetensors", "w")):
+        (blobs / f"sha-{name}").write_text(content)
+        (snapshot / name).symlink_to(f"../../blobs/sha-{name}")
+    files = {name: snapshot / name for name in ("config.json", "model.safetensors")}
+    job = ConvertJob(
+        image="img", model_dir=snapshot, output=tmp_path / "o", quantization="q", gpu=False, model_files=files
+    )
+    assert run_module.model_mounts(job) == [
+        (blobs / "sha-config.json", "/input/model/config.json", True),
+        (blobs / "sha-model.safetensors", "/input/model/model.safetensors", True),
+    ]
+    cmd, _ = docker_command(job)
+    assert sum(arg.startswith("type=bind,source=" + str(blobs)) for arg in cmd) == 2
+    with pytest.raises(UsageError, match="not a plain file name"):
+        run_module.model_mounts(ConvertJob(**{**job.__dict__, "model_files": {"../x": snapshot / "config.json"}}))

@@ -57,6 +57,23 @@ class ConvertJob:
     options: list[str] = field(default_factory=list)  # further `llm2wasm convert` options, passed through
     user: str | None = None  # uid:gid; default: the caller's
     gpu: bool | None = None  # None: detect
+    # A model from the Hub cache (llm2wasm.host.hubfetch): file name -> the file itself. Its snapshot
+    # folder holds links into the cache's blobs/, which the converter refuses (links out of a model
+    # folder); so each file is mounted on its own, as a regular file of /input/model.
+    model_files: dict[str, Path] | None = None
+    shown_model: str | None = None  # how messages name the model (default: model_dir)
+
+
+def model_mounts(job: ConvertJob) -> list[tuple[Path, str, bool]]:
+    """The model folder, read-only at /input/model; or its files one by one (a Hub snapshot)."""
+    if job.model_files is None:
+        return [(job.model_dir.resolve(), "/input/model", True)]
+    mounts = []
+    for name, path in sorted(job.model_files.items()):
+        if "/" in name or name in ("", ".", ".."):
+            raise UsageError(f"model file name {name!r} is not a plain file name")
+        mounts.append((path.resolve(strict=True), f"/input/model/{name}", True))
+    return mounts
 
 
 def convert_options(**options: object) -> list[str]:
@@ -152,8 +169,8 @@ def docker_command(job: ConvertJob, name: str | None = None) -> tuple[list[str],
     # OUT is mounted under its own name, so the bundle's default model id, library name and README
     # name the user's folder, not the mount point; the container's messages show host paths.
     container_output = f"{CONTAINER_OUTPUT_ROOT}/{output.name}"
-    mounts = [(model_dir, "/input/model", True), (output, container_output, False)]
-    shown = {container_output: str(output), "/input/model": str(model_dir)}
+    mounts = [*model_mounts(job), (output, container_output, False)]
+    shown = {container_output: str(output), "/input/model": job.shown_model or str(model_dir)}
     if job.adapter is not None:
         mounts.append((job.adapter.resolve(), "/input/adapter", True))
         shown["/input/adapter"] = str(job.adapter.resolve())
