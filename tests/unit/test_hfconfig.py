@@ -10,7 +10,8 @@ from transformers import GPTNeoXConfig, LlamaConfig, PretrainedConfig, Qwen2Conf
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from llm2wasm.errors import UsageError
-from llm2wasm.image.convert.hfconfig import hf_view, mlc_config, parity_mismatches, reads_from_sources
+from llm2wasm.image.convert.hfconfig import hf_view, mlc_config, parity_mismatches
+from llm2wasm.image.convert.mlcprobe import reads_from_sources
 from tests.upstream_sources import class_source, mlc_llm_file
 
 # model_type -> (module in mlc-llm's python/mlc_llm/model/, config class)
@@ -202,7 +203,7 @@ def broken_mlc_llm(tmp_path, monkeypatch):
 
 
 def test_a_failing_head_probe_warns_and_does_not_refuse(broken_mlc_llm, capsys):
-    from llm2wasm.image.convert.hfconfig import probe_reads_output_head
+    from llm2wasm.image.convert.mlcprobe import probe_reads_output_head
 
     assert probe_reads_output_head("starcoder2", {"tie_word_embeddings": False}) is None
     warning = capsys.readouterr().err
@@ -210,7 +211,7 @@ def test_a_failing_head_probe_warns_and_does_not_refuse(broken_mlc_llm, capsys):
 
 
 def test_a_failing_config_probe_refuses_with_the_probes_error(broken_mlc_llm):
-    from llm2wasm.image.convert.hfconfig import probe_installed_mlc
+    from llm2wasm.image.convert.mlcprobe import probe_installed_mlc
 
     with pytest.raises(UsageError, match=r"(?s)config class for 'llama'.*mlc_llm broken for this test"):
         probe_installed_mlc("llama", set(ROPE_INIT_FUNCTIONS))
