@@ -294,7 +294,8 @@ def browser(image: str) -> list[str]:
     user = f"{os.getuid()}:{os.getgid()}"
     base = ["docker", "run", "--rm", "--network", "none", "--user", user, "-v", f"{work}:/w"]
     script = (
-        "import json; from pathlib import Path; from llm2wasm.image.convert.tiny import make_browser_check_model; "
+        "import json; from pathlib import Path; "
+        "from llm2wasm.image.convert.checkmodels import make_browser_check_model; "
         "Path('/w/ref.json').write_text(json.dumps(make_browser_check_model(Path('/w/model'))))"
     )
     timed([*base, "--entrypoint", "python", image, "-c", script])
@@ -339,7 +340,7 @@ def matrix_rows(image: str) -> list[str]:
     base = ["docker", "run", "--rm", "--network", "none", "--user", user, "-v", f"{work}:/w"]
     for name in MATRIX:
         script = (
-            "from pathlib import Path; from llm2wasm.image.convert.tiny import make_browser_check_model; "
+            "from pathlib import Path; from llm2wasm.image.convert.checkmodels import make_browser_check_model; "
             f"make_browser_check_model(Path('/w/{name}'), architecture={name!r})"
         )
         timed([*base, "--entrypoint", "python", image, "-c", script])

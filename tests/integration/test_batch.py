@@ -25,7 +25,7 @@ STEPS = 8
 MAKE_MODELS = f"""
 import json
 from pathlib import Path
-from llm2wasm.image.convert.tiny import make_browser_check_adapter, make_browser_check_model
+from llm2wasm.image.convert.checkmodels import make_browser_check_adapter, make_browser_check_model
 reference = make_browser_check_model(Path("/work/models/llama"), steps={STEPS})
 make_browser_check_model(Path("/work/models/qwen2"), steps={STEPS}, architecture="qwen2")
 make_browser_check_adapter(Path("/work/models/qwen2"), Path("/work/adapters/qwen2-lora"), steps={STEPS})

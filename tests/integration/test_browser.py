@@ -1,7 +1,7 @@
 """A bundle made by the real hermetic chain runs in the real WebLLM in a real browser, and generates
 the tokens transformers generates.
 
-The model is a tiny Llama made decisive (llm2wasm.image.convert.tiny.make_browser_check_model): its
+The model is a tiny Llama made decisive (llm2wasm.image.convert.checkmodels.make_browser_check_model): its
 vocabulary is exactly the tokenizer's, its output head is scaled so the greedy token beats the
 runner-up by at least one logit at every step (float32 on SwiftShader differs from the CPU by about
 1e-4), and its continuation holds three or more different tokens and no end of sequence. It is

@@ -22,7 +22,7 @@ ARTIFACTS = ROOT / "test-artifacts"
 MAKE_MODEL = """
 import json
 from pathlib import Path
-from llm2wasm.image.convert.tiny import make_chat_check_model
+from llm2wasm.image.convert.checkmodels import make_chat_check_model
 Path("/work/reference.json").write_text(json.dumps(make_chat_check_model(Path("/work/model"), steps=%d)))
 """
 

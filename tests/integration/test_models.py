@@ -12,7 +12,7 @@ mlc_llm stores float32), and the bundle's mlc-chat-config.json must carry the mo
 The q0f32 Llama is the browser test's model (tests/integration/test_browser.py); the matrix's
 Llama is the same model at 4 bits (q4f32_1), the quantization family users ship. The tied rows
 (llama3_2, qwen2_5) are made to compute something other than their input token
-(llm2wasm.image.convert.tiny.check_model_scales); the rope scalings (Llama 3.2's llama3, Phi-3.5's
+(llm2wasm.image.convert.checkmodels.check_model_scales); the rope scalings (Llama 3.2's llama3, Phi-3.5's
 longrope) must change the tokens the same weights give with plain rope, so the browser's match
 shows mlc_llm applied them.
 """
@@ -34,7 +34,7 @@ STEPS = 8
 # "+lora": the same family fine-tuned, through `convert --adapter` (merged by llm2wasm, saved by
 # transformers 5 again): a LoRA on every linear layer whose merge changes the greedy tokens.
 # "@q4f32_1": converted at 4 bits (mlc_llm's group quantization), against a reference computing
-# with the quantized weights (llm2wasm.image.convert.tiny.as_bundle_holds); the others are q0f32. A
+# with the quantized weights (llm2wasm.image.convert.reference.as_bundle_holds); the others are q0f32. A
 # fine-tune at 4 bits is what users ship most.
 # "llama3_2" and "qwen2_5": tied embeddings, as the small models users ship most have them (Llama
 # 3.2 with Llama 3's rope scaling, at 4 bits: its head is the quantized embedding); "phi3_5": Phi-3.5
@@ -47,7 +47,7 @@ ARCHITECTURES = [
 MAKE_MODEL = """
 import json
 from pathlib import Path
-from llm2wasm.image.convert.tiny import make_browser_check_adapter, make_browser_check_model
+from llm2wasm.image.convert.checkmodels import make_browser_check_adapter, make_browser_check_model
 reference = make_browser_check_model(Path("/work/model"), steps=%d, architecture=%r, quantization=%r)
 if %r:
     reference = make_browser_check_adapter(Path("/work/model"), Path("/work/adapter"), steps=%d, quantization=%r)

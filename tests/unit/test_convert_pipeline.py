@@ -6,17 +6,12 @@ import json
 
 import pytest
 
+from llm2wasm.image.convert.converter import Converter, step_keys
 from llm2wasm.image.convert.inputs import ConvertRequest
-from llm2wasm.image.convert.pipeline import (
-    Converter,
-    StepFailed,
-    Workspace,
-    key_of,
-    run_logged,
-    source_view,
-    step_keys,
-)
+from llm2wasm.image.convert.progress import StepFailed, run_logged
+from llm2wasm.image.convert.steps import source_view
 from llm2wasm.image.convert.toolchain import Toolchain, emcc_version, python_packages, web_runtime_commits
+from llm2wasm.image.convert.workspace import Workspace, key_of
 
 
 def prepared_converter(model_dir, output, toolchain=None, **settings) -> Converter:

@@ -930,7 +930,7 @@ def test_a_cpu_torch_in_a_cuda_profile_is_refused(server, git_remote):
 
 
 def test_stable_pins_one_cuda_major():
-    from llm2wasm.host.preflight.wheels import torch_cuda_major
+    from llm2wasm.host.preflight.torchcuda import torch_cuda_major
 
     stable = resolve_profile("stable")
     assert stable.cuda_major == 13  # the variant of the MLC wheels

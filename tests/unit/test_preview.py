@@ -13,7 +13,8 @@ import pytest
 
 from llm2wasm.errors import UsageError
 from llm2wasm.host import run
-from llm2wasm.image.preview.server import check_bundle, make_server, serve_in_thread, served_config
+from llm2wasm.image.preview.appconfig import check_bundle, served_config
+from llm2wasm.image.preview.server import make_server, serve_in_thread
 
 SECRET = b"SECRET-OUTSIDE-THE-BUNDLE"
 STATE = b'{"private": "STATE-OF-THE-CONVERSION"}'

@@ -2,7 +2,7 @@
 
 The last gate of the publish workflow, and what the browser tests run against the hermetic image:
 in the image, a tiny decisive model is made and saved by the image's own transformers
-(llm2wasm.image.convert.tiny.make_browser_check_model) with its greedy reference from transformers,
+(llm2wasm.image.convert.checkmodels.make_browser_check_model) with its greedy reference from transformers,
 converted at q0f32 or q4f32_1 (f32: a software WebGPU adapter has no shader-f16; the reference
 computes with the weights the bundle holds), served by `llm2wasm preview`
 from the image, and completed greedily by WebLLM in the machine's headless Chromium or Chrome
@@ -23,13 +23,13 @@ from pathlib import Path
 from llm2wasm.errors import UsageError
 from llm2wasm.host import docker
 from llm2wasm.host.browser import BrowserRun, chromium_path, run_preview_page, start_preview
-from llm2wasm.image.convert.tiny import REFERENCE_QUANTIZATIONS
+from llm2wasm.image.convert.reference import REFERENCE_QUANTIZATIONS
 
 STEPS = 8
 MAKE_MODEL = """
 import json
 from pathlib import Path
-from llm2wasm.image.convert.tiny import make_browser_check_model
+from llm2wasm.image.convert.checkmodels import make_browser_check_model
 reference = make_browser_check_model(Path("/work/model"), steps=%d, quantization=%r)
 Path("/work/reference.json").write_text(json.dumps(reference))
 """

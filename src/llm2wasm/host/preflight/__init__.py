@@ -22,7 +22,8 @@ Each URL is fetched once per run, the checks run concurrently, and an unreachabl
 "cannot reach" result rather than a traceback.
 
 One module per source asked: ``registry`` (the base image), ``wheels`` (wheel indexes and find-links
-pages, and the CUDA major of torch's wheel), ``git`` (``git ls-remote``) and ``npm``; ``fetching``
+pages; ``indexes`` reads them, ``pipinstall`` says where pip looks and for which Python and platform),
+``torchcuda`` (the CUDA major of torch's wheel), ``git`` (``git ls-remote``) and ``npm``; ``fetching``
 holds what they share (the result type, fetching each URL once, the nearest alternatives). This
 module runs them and reports.
 """
@@ -48,6 +49,13 @@ from llm2wasm.host.preflight.fetching import (
 )
 from llm2wasm.host.preflight.git import GIT_TIMEOUT, check_git_ref
 from llm2wasm.host.preflight.npm import check_webllm
+from llm2wasm.host.preflight.pipinstall import (
+    PYPI_SIMPLE,
+    PipSources,
+    Target,
+    parse_pip_options,
+    parse_python_version,
+)
 from llm2wasm.host.preflight.registry import (
     DOCKER_MANIFEST,
     OCI_INDEX,
@@ -57,17 +65,8 @@ from llm2wasm.host.preflight.registry import (
     pinned_by_digest,
     wheel_arch,
 )
-from llm2wasm.host.preflight.wheels import (
-    MLC_WHEEL_PINS,
-    PIP_PINS,
-    PYPI_SIMPLE,
-    PipSources,
-    Target,
-    check_cuda_major,
-    check_requirement,
-    parse_pip_options,
-    parse_python_version,
-)
+from llm2wasm.host.preflight.torchcuda import check_cuda_major
+from llm2wasm.host.preflight.wheels import MLC_WHEEL_PINS, PIP_PINS, check_requirement
 
 __all__ = [
     "DOCKER_MANIFEST",

@@ -41,7 +41,7 @@ def check_merge(model_dir: Path, adapter_dir: Path, merged_dir: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from llm2wasm.image.convert.tiny import logits
+    from llm2wasm.image.convert.reference import logits
 
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     base_logits = logits(base, PROMPT_IDS)
