@@ -1,0 +1,46 @@
+"""A stand-in Hugging Face Hub for tests that cannot reach huggingface.co.
+
+server.py says what it implements and what it does not; store.py keeps the repositories, routes.py
+answers the HTTP calls. The server needs only the standard library; `point_client_at` (for the
+tests) configures the real `huggingface_hub` client to use it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def point_client_at(monkeypatch, endpoint: str, home: Path) -> None:
+    """Make the installed `huggingface_hub` client, in this test, talk to `endpoint` with its own
+    home under `home`: no stored login, no HF_TOKEN, no telemetry, no Xet, not offline.
+
+    The client reads its environment once, at import, into `huggingface_hub.constants`: the
+    variables are set for child processes and the constants patched for this one."""
+    from huggingface_hub import constants
+
+    cache = home / "hub"
+    environment = {
+        "HF_ENDPOINT": endpoint,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(cache),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_XET": "1",
+    }
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_TOKEN_PATH", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    patched = {
+        "ENDPOINT": endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(cache),
+        "HF_TOKEN_PATH": str(home / "token"),
+        "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+        "HF_XET_CACHE": str(home / "xet"),
+        "HF_HUB_DISABLE_TELEMETRY": True,
+        "HF_HUB_DISABLE_XET": True,
+        "HF_HUB_OFFLINE": False,
+    }
+    for name, value in patched.items():
+        monkeypatch.setattr(constants, name, value)
