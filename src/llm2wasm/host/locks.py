@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm2wasm.errors import UsageError
+from llm2wasm.host.checks import normalize
 
 LOCKS_DIR = Path("images") / "ml" / "locks"
 HEADER_PREFIX = "# llm2wasm ml lock: "
@@ -77,7 +78,7 @@ def locked_versions(path: Path) -> dict[str, str]:
     for line in path.read_text().splitlines():
         match = _REQUIREMENT_LINE.match(line)
         if match:
-            versions[re.sub(r"[-_.]+", "-", match.group(1)).lower()] = match.group(2)
+            versions[normalize(match.group(1))] = match.group(2)
     return versions
 
 
