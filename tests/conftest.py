@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +50,24 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
 
 
+@functools.cache
+def shared_library_cache() -> Path:
+    """One library cache for the conversions of this test session that opt into it: the matrix rows
+    and batch items whose base another test compiled reuse its library, as users' fine-tunes do."""
+    return Path(tempfile.mkdtemp(prefix="llm2wasm-test-libraries-"))
+
+
 def invoke(*args: str, env: dict | None = None, timeout: float = 3600) -> subprocess.CompletedProcess:
-    """Run a task the way a user does; output captured as text."""
+    """Run a task the way a user does; output captured as text. A conversion it runs gets an empty
+    library cache of its own (not the user's, nor another test's) unless `env` names one."""
+    own_cache = {"LLM2WASM_LIB_CACHE": tempfile.mkdtemp(prefix="llm2wasm-test-libraries-")}
     return subprocess.run(
-        [*INVOKE, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})}
+        [*INVOKE, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env={**os.environ, **own_cache, **(env or {})},
     )
 
 
@@ -158,10 +174,14 @@ def run_app(
     detach: bool = False,
     timeout: float = 900,
     entrypoint: str | None = None,
+    library_cache: Path | None = None,
 ) -> subprocess.CompletedProcess:
     """`docker run` of the hermetic app image as the invoking user, without network: `llm2wasm ARGS`,
-    or `ENTRYPOINT ARGS` (e.g. `python -c SCRIPT` to make a test model with the image's own libraries)."""
+    or `ENTRYPOINT ARGS` (e.g. `python -c SCRIPT` to make a test model with the image's own libraries).
+    With `library_cache`, a conversion shares libraries through that folder (as `invoke convert` mounts it)."""
     cmd = ["docker", "run", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}"]
+    if library_cache is not None:
+        cmd += ["-v", f"{library_cache}:/cache/libraries", "-e", "LLM2WASM_LIB_CACHE=/cache/libraries"]
     cmd += ["-d"] if detach else ["--rm"]
     cmd += ["--entrypoint", entrypoint] if entrypoint else []
     for host_path, spec in (mounts or {}).items():

@@ -19,7 +19,7 @@ import pytest
 
 from llm2wasm.image.convert.webllm_types import interface_fields
 from tests.browser import chromium_path, run_preview_page, start_preview
-from tests.conftest import INVOKE, ROOT, app_image, invoke, run_app
+from tests.conftest import INVOKE, ROOT, app_image, invoke, run_app, shared_library_cache
 
 STEPS = 8
 MAKE_MODELS = f"""
@@ -54,6 +54,9 @@ path = "models/broken"
 quantizations = ["q0f32"]
 """
 ITEMS = ["llama-q0f32", "llama-q4f32_1", "qwen2-q0f32", "broken-q0f32"]
+# the session's library cache: the re-runs reuse the first run's libraries, and the matrix rows of
+# the same shapes (tests/integration/test_models.py) reuse them too
+SHARED = {"LLM2WASM_LIB_CACHE": str(shared_library_cache())}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,9 @@ def batch_dir(hermetic_chain, tmp_path_factory) -> Path:
 def first_run(batch_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     started = time.monotonic()
-    result = invoke("batch", str(batch_dir / "models.toml"), "-o", str(out), "--image", app_image(), "--jobs", "2")
+    result = invoke(
+        "batch", str(batch_dir / "models.toml"), "-o", str(out), "--image", app_image(), "--jobs", "2", env=SHARED
+    )
     return out, result, time.monotonic() - started
 
 
@@ -115,7 +120,9 @@ def test_the_combined_app_config_lists_every_bundle_with_webllms_fields(first_ru
 def test_a_rerun_skips_what_is_done(batch_dir, first_run):
     out, _, first_seconds = first_run
     started = time.monotonic()
-    result = invoke("batch", str(batch_dir / "models.toml"), "-o", str(out), "--image", app_image(), "--jobs", "2")
+    result = invoke(
+        "batch", str(batch_dir / "models.toml"), "-o", str(out), "--image", app_image(), "--jobs", "2", env=SHARED
+    )
     seconds = time.monotonic() - started
     assert result.returncode == 1 and "!!! [3] broken-q0f32: failed" in result.stderr
     for model_id in ITEMS[:3]:
@@ -175,7 +182,9 @@ def test_a_rerun_after_a_killed_item_reports_it_failed_and_the_next_run_converts
         "--jobs",
         "1",
     ]
-    runner = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runner = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **SHARED}
+    )
     try:
         deadline = time.monotonic() + 600
         killed = None
@@ -203,7 +212,9 @@ def test_a_rerun_after_a_killed_item_reports_it_failed_and_the_next_run_converts
     combined = json.loads((again / "app-config.json").read_text())["model_list"]
     assert ITEMS[0] not in [record["model_id"] for record in combined]
     # the next run converts it again, and now it is ok
-    result = invoke("batch", str(batch_dir / "models.toml"), "-o", str(again), "--image", app_image(), "--jobs", "2")
+    result = invoke(
+        "batch", str(batch_dir / "models.toml"), "-o", str(again), "--image", app_image(), "--jobs", "2", env=SHARED
+    )
     assert result.returncode == 1 and f"<== [0] {ITEMS[0]}: done in" in result.stderr, result.stderr
     assert "✓ compile done in" in (again / ".batch" / "item-0.log").read_text()  # converted, not kept
     assert f"| 0 | {ITEMS[0]} | q0f32 | ok |" in result.stdout

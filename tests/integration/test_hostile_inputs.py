@@ -267,7 +267,7 @@ def test_a_second_conversion_into_a_busy_folder_is_refused_and_ctrl_c_stops_the_
     out = tmp_path / "out"
     first = subprocess.Popen(
         [*INVOKE, "convert", str(made / "tiny"), "-q", "q4f32_1", "--conv-template", "llama-2", "-o", str(out),
-         "--profile", "hermetic"],
+         "--profile", "hermetic", "--no-lib-cache"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:

@@ -27,12 +27,13 @@ from pathlib import Path
 import pytest
 
 from tests.browser import chromium_path, run_preview_page, start_preview
-from tests.conftest import run_app
+from tests.conftest import run_app, shared_library_cache
 
 STEPS = 8
 # Every family but llama at q0f32 (the browser test's) — each costs one compile (about a minute).
 # "+lora": the same family fine-tuned, through `convert --adapter` (merged by llm2wasm, saved by
-# transformers 5 again): a LoRA on every linear layer whose merge changes the greedy tokens.
+# transformers 5 again): a LoRA on every linear layer whose merge changes the greedy tokens; its
+# library is its base row's, from the session's shared library cache (issue 30), as a user's is.
 # "@q4f32_1": converted at 4 bits (mlc_llm's group quantization), against a reference computing
 # with the quantized weights (llm2wasm.image.convert.reference.as_bundle_holds); the others are q0f32. A
 # fine-tune at 4 bits is what users ship most.
@@ -70,7 +71,8 @@ def convert_one(name: str, work: Path) -> tuple[dict | None, subprocess.Complete
             "--prefill-chunk-size", "64", "--model-id", model_id, "-o", "/work/bundle"]  # fmt: skip
     if lora:
         args += ["--adapter", "/work/adapter"]
-    return json.loads((work / "reference.json").read_text()), run_app(*args, mounts={work: "/work"}, timeout=1800)
+    converted = run_app(*args, mounts={work: "/work"}, timeout=1800, library_cache=shared_library_cache())
+    return json.loads((work / "reference.json").read_text()), converted
 
 
 @pytest.fixture(scope="module")

@@ -56,12 +56,19 @@ def default_jobs() -> int:
 
 
 def item_command(
-    spec: BatchSpec, item: Item, image: str, output: Path, gpu: bool, run_id: str | None = None
+    spec: BatchSpec,
+    item: Item,
+    image: str,
+    output: Path,
+    gpu: bool,
+    run_id: str | None = None,
+    library_cache: Path | None = None,
 ) -> list[str]:
     cmd = conversion_container(
         [(spec.root, CONTAINER_SPEC_DIR, True), (output, CONTAINER_OUTPUT, False)],
         {CONTAINER_SPEC_DIR: str(spec.root), CONTAINER_OUTPUT: str(output)},
         gpu,
+        library_cache=library_cache,
     )
     if run_id is not None:  # the item records it, so the runner can tell this run's outcome from an older one
         cmd += ["-e", f"{RUN_ID_VARIABLE}={run_id}"]
@@ -89,6 +96,7 @@ def run_batch(
     *,
     jobs: int | None = None,
     gpu: bool | None = None,
+    library_cache: Path | None = None,
     say: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True),
 ) -> list[Outcome]:
     spec = load_spec(spec_path.resolve())  # every problem of the spec, before anything runs
@@ -115,7 +123,7 @@ def run_batch(
         log_path = output / STATUS_DIR / f"item-{item.index}.log"
         say(f"==> [{item.index}] {item.model_id}: converting")
         run_id = new_run_id()
-        cmd = item_command(spec, item, image, output, gpu, run_id)
+        cmd = item_command(spec, item, image, output, gpu, run_id, library_cache)
         # before the container starts: if it is killed, "running" is left, not an earlier run's "ok"
         running = mark_running(output, spec, item, run_id)
         started = time.monotonic()
@@ -155,6 +163,7 @@ def batch_command(
     k8s: bool = False,
     claim: str = "llm2wasm-batch",
     parallelism: int = 2,
+    library_cache: Path | None = None,
 ) -> int:
     """`invoke batch`: the GitHub matrix or the Kubernetes Job of a spec (printed), or every item run
     here, a table of outcomes printed; the number of items that failed."""
@@ -173,7 +182,7 @@ def batch_command(
         return 0
     if output is None:
         raise UsageError("batch needs --output (-o): invoke batch models.toml -o OUT")
-    results = run_batch(spec, output, image, jobs=jobs, gpu=gpu)
+    results = run_batch(spec, output, image, jobs=jobs, gpu=gpu, library_cache=library_cache)
     print(table(results))
     succeeded = [outcome for outcome in results if outcome.status == "ok"]
     print(f"{len(succeeded)} of {len(results)} bundle(s) in {output / 'app-config.json'}", file=sys.stderr)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm2wasm.errors import UsageError
-from llm2wasm.host import docker
+from llm2wasm.host import docker, librarycache
 from llm2wasm.image.convert.outputlock import HOST_PID_VARIABLE
 from llm2wasm.image.hostpaths import HOST_PATHS_VARIABLE
 
@@ -62,6 +62,8 @@ class ConvertJob:
     # folder); so each file is mounted on its own, as a regular file of /input/model.
     model_files: dict[str, Path] | None = None
     shown_model: str | None = None  # how messages name the model (default: model_dir)
+    # the host folder of the shared library cache (llm2wasm.host.librarycache), or None: always compile
+    library_cache: Path | None = None
 
 
 def model_mounts(job: ConvertJob) -> list[tuple[Path, str, bool]]:
@@ -110,7 +112,11 @@ def bind_mount(host: Path, container: str, read_only: bool) -> list[str]:
 
 
 def conversion_container(
-    mounts: list[tuple[Path, str, bool]], shown: dict[str, str], gpu: bool, user: str | None = None
+    mounts: list[tuple[Path, str, bool]],
+    shown: dict[str, str],
+    gpu: bool,
+    user: str | None = None,
+    library_cache: Path | None = None,
 ) -> list[str]:
     """The start of every `docker run` a conversion runs in (`invoke convert`, each `invoke batch`
     item): as the calling user (uid:gid), so the files it writes are theirs; without network and
@@ -119,7 +125,8 @@ def conversion_container(
     under tini (`--init`), so a stop reaches
     the converter and its children; the given (host folder, container path, read-only) mounts; the
     host paths the container's messages show in place of its own (llm2wasm.image.hostpaths); the GPU when
-    asked (the NVIDIA runtime adds its devices itself, capabilities or not).
+    asked (the NVIDIA runtime adds its devices itself, capabilities or not); the shared library cache,
+    read-write, where one is given (llm2wasm.host.librarycache).
 
     The root file system is read-only, /tmp a tmpfs (no devices, setuid or executables on it): what a
     model folder gets to run cannot change the image under the next conversion, and writes only to
@@ -134,9 +141,12 @@ def conversion_container(
     memory = default_memory_limit()
     if memory is not None:  # the same as swap: a conversion that does not fit fails, it does not thrash
         cmd += ["--memory", str(memory), "--memory-swap", str(memory)]
-    for host, container, read_only in mounts:
+    cache_mounts, cache_shown, cache_environment = librarycache.container_arguments(library_cache)
+    for host, container, read_only in [*mounts, *cache_mounts]:
         cmd += bind_mount(host, container, read_only)
+    shown = {**shown, **cache_shown}
     cmd += ["-e", f"{HOST_PATHS_VARIABLE}={json.dumps(shown)}", "-e", f"{HOST_PID_VARIABLE}={os.getpid()}"]
+    cmd += cache_environment
     if gpu:
         cmd += ["--gpus", "all"]
     return cmd
@@ -176,7 +186,7 @@ def docker_command(job: ConvertJob, name: str | None = None) -> tuple[list[str],
         shown["/input/adapter"] = str(job.adapter.resolve())
     gpu = docker_has_gpu_runtime() if job.gpu is None else job.gpu
     where = "on the GPU (NVIDIA runtime found)" if gpu else "on the CPU: Docker has no NVIDIA runtime"
-    cmd = conversion_container(mounts, shown, gpu, job.user)
+    cmd = conversion_container(mounts, shown, gpu, job.user, job.library_cache)
     if name:
         cmd += ["--name", name]
     if sys.stdin.isatty():

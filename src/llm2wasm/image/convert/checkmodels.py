@@ -166,18 +166,24 @@ def make_browser_check_model(
 
 
 def make_browser_check_adapter(
-    model_dir: Path, adapter_dir: Path, steps: int = 8, min_margin: float = 1.0, quantization: str = "q0f32"
+    model_dir: Path,
+    adapter_dir: Path,
+    steps: int = 8,
+    min_margin: float = 1.0,
+    quantization: str = "q0f32",
+    first_seed: int = 1,
 ) -> dict:
     """A LoRA on every linear layer of the browser-check model at `model_dir` whose merge changes
     the greedy tokens, and stays decisive; the reference is transformers' greedy continuation of
     the model merged by llm2wasm's own merge (what `convert --adapter` hands mlc_llm), with the
-    weights a bundle of `quantization` holds."""
+    weights a bundle of `quantization` holds. Seeds are tried from `first_seed` (another start gives
+    another fine-tune of the same base)."""
     import shutil
 
     from llm2wasm.image.convert.merge import merge_adapter
 
     base_ids = greedy_reference(model_dir, BROWSER_CHECK_PROMPT, steps, quantization)["reference_ids"]
-    for seed in range(1, 50):
+    for seed in range(first_seed, first_seed + 49):
         # scale 20: activations in the thousands after the first layer, as the "massive
         # activations" of real LLMs (where the bf16 rounding of an f32 bundle's weights shows)
         make_lora_adapter(model_dir, adapter_dir, seed=seed, target_modules="all-linear", scale=20.0)
@@ -190,4 +196,4 @@ def make_browser_check_adapter(
         if decisive and chosen != base_ids:
             return {**reference, "adapter_seed": seed, "base_reference_ids": base_ids}
         shutil.rmtree(adapter_dir)
-    raise RuntimeError("no adapter seed below 50 changes the greedy tokens and stays decisive")
+    raise RuntimeError(f"no adapter seed from {first_seed} on changes the greedy tokens and stays decisive")

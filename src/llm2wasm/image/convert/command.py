@@ -42,6 +42,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         help="fail on TVM's read_write buffer defect instead of declaring never-written buffers read-only",
     )
     parser.add_argument(
+        "--no-lib-cache",
+        action="store_true",
+        help="compile the library even when the library cache ($LLM2WASM_LIB_CACHE) holds one of the same "
+        "shape, settings and tools (docs/CONVERT.md); nor add it there",
+    )
+    parser.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",

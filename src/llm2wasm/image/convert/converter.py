@@ -4,20 +4,24 @@ A step runs unless an earlier run finished it with the same key (step_keys: its 
 settings and the versions of the tools it runs; llm2wasm.image.convert.workspace keeps the
 record), so an interrupted conversion resumes after its last finished step, and a re-run with other
 tools (a newer image) makes again what they make. Weight conversion and compilation both need only
-the generated config, so they run at once. Apart from the steps' own actions, which know nothing of
-keys, order or threads.
+the generated config, so they run at once. A compile whose library the shared library cache holds
+(same shape, settings and tools: another fine-tune of the same base) copies it instead. Apart from
+the steps' own actions, which know nothing of keys, order, threads or caches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from llm2wasm.image.convert.hfconfig import ModelConfigAdapter, longrope_beyond_original_context
 from llm2wasm.image.convert.inputs import ConvertRequest, fingerprint
+from llm2wasm.image.convert.libcache import EntryChanged, LibraryCache, library_key
 from llm2wasm.image.convert.progress import say
 from llm2wasm.image.convert.steps import ConversionSteps
 from llm2wasm.image.convert.toolchain import Toolchain, changes, installed_toolchain
@@ -97,13 +101,62 @@ class Converter(ConversionSteps):
         with ThreadPoolExecutor(max_workers=int(os.environ.get("LLM2WASM_STEP_WORKERS", "2"))) as pool:
             futures = [
                 pool.submit(self.step, "convert_weight", keys["convert_weight"], self.convert_weight),
-                pool.submit(self.step, "compile", keys["compile"], self.compile),
+                pool.submit(self.step, "compile", keys["compile"], self.compile_or_reuse),
             ]
             errors = [future.exception() for future in futures]
         for error in errors:
             if error is not None:
                 raise error
         self.assemble()
+
+    # -- the library: compiled, or the one the shared library cache holds for this shape ------
+    def library_cache(self) -> LibraryCache | None:
+        return LibraryCache.from_environment() if self.request.use_lib_cache else None
+
+    def compile_or_reuse(self, tmp: Path) -> dict:
+        """The library from the library cache (llm2wasm.image.convert.libcache) when it holds one made
+        from the same shape, settings and tools; else compiled, and filed there for the next fine-tune
+        of this base. The cache never fails a conversion: a bad entry is a miss, a failed store a note."""
+        cache = self.library_cache()
+        if cache is None:
+            return self.compile(tmp)
+        r = self.request
+        chat_config = json.loads((self.ws.root / "gen_config" / "config" / "mlc-chat-config.json").read_text())
+        key, inputs = library_key(
+            chat_config,
+            quantization=r.quantization,
+            compile_options={"overrides": r.overrides(), "repair_wgsl": r.repair_wgsl, "link_opt": r.link_opt},
+            toolchain=self.toolchain.of("compile"),
+        )
+        waiting = f"  library {key}: another conversion is compiling it; waiting for it"
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(cache.compiling(key, on_wait=lambda: say(waiting)))
+            except (OSError, ValueError) as error:  # the cache folder itself is unusable
+                say(f"  library cache {cache.root}: {error}: compiling without it")
+                return self.compile(tmp)
+            return self._reuse_or_compile(tmp, cache, key, inputs)
+
+    def _reuse_or_compile(self, tmp: Path, cache: LibraryCache, key: str, inputs: dict) -> dict:
+        wasm = tmp / f"{self.request.model_id}.wasm"
+        entry = cache.lookup(key, on_reject=lambda why: say(f"  {why}: compiling instead"))
+        if entry is not None:
+            try:
+                cache.copy_into(entry, wasm)
+            except (EntryChanged, OSError) as error:
+                say(f"  library cache entry {key}: {error}: compiling instead")
+            else:
+                say(f"  library: reused from the library cache (key {key}, compiled {entry.created}); "
+                    "--no-lib-cache compiles it")  # fmt: skip
+                return {"memory": entry.memory, "wgsl": entry.wgsl_result, "library_cache": {"key": key, "hit": True}}
+        result = self.compile(tmp)
+        try:
+            cache.store(key, inputs, wasm, result["wgsl"], result["memory"])
+        except (OSError, ValueError) as error:
+            say(f"  library cache: the library was not filed in {cache.root}: {error}")
+        else:
+            say(f"  library: filed in the library cache (key {key})")
+        return {**result, "library_cache": {"key": key, "hit": False}}
 
     def warn_about_context(self) -> None:
         """Said on every run (gen_config may be kept), from the context window mlc_llm settled on."""

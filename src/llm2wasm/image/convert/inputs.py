@@ -58,6 +58,8 @@ class ConvertRequest:
     link_opt: str = DEFAULT_LINK_OPT
     device: str = "auto"  # merge and convert_weight (llm2wasm.image.convert.device)
     strict_template: bool = False
+    # look the library up in (and add it to) the shared library cache, where $LLM2WASM_LIB_CACHE names one
+    use_lib_cache: bool = True
     # the model's default system message, where it differs from the chosen template's
     system_message: str | None = None
     warnings: list[str] = field(default_factory=list)
@@ -383,6 +385,7 @@ def build_request(args, names: MlcNames, previous_bundle) -> ConvertRequest:
         link_opt=getattr(args, "link_opt", DEFAULT_LINK_OPT),
         device=getattr(args, "device", "auto"),
         strict_template=getattr(args, "strict_template", False),
+        use_lib_cache=not getattr(args, "no_lib_cache", False),
         warnings=warnings,
         model_files=model_files,
         adapter_files=adapter_files,

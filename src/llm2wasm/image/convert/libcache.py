@@ -19,6 +19,7 @@ into place, so concurrent conversions never see half an entry. Standard library 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -103,6 +104,7 @@ class Entry:
     library_size: int
     wgsl_result: dict
     created: str
+    memory: dict  # compile's memory figures (the bundle's vram_required_MB), as the library's own compile printed them
 
     @property
     def library(self) -> Path:
@@ -211,8 +213,9 @@ class LibraryCache:
         if not isinstance(record, dict) or record.get("key_format") != KEY_FORMAT:
             raise Rejected(f"{RECORD_NAME} is not a record of this format")
         inputs, library, wgsl_result = record.get("inputs"), record.get("library"), record.get("wgsl")
-        if not isinstance(inputs, dict) or not isinstance(library, dict) or not isinstance(wgsl_result, dict):
-            raise Rejected(f"{RECORD_NAME} lacks inputs, library or wgsl")
+        memory = record.get("memory", {})
+        if not all(isinstance(part, dict) for part in (inputs, library, wgsl_result, memory)):
+            raise Rejected(f"{RECORD_NAME} lacks inputs, library, wgsl or memory")
         if key_of(inputs) != key or record.get("key") != key:
             raise Rejected("its recorded inputs hash to another key (a planted or edited entry)")
         digest, size, head = _measure(_blocks(folder / LIBRARY_NAME))
@@ -222,9 +225,9 @@ class LibraryCache:
             raise Rejected(f"{LIBRARY_NAME} is not a wasm module")
         if digest != library.get("sha256"):
             raise Rejected(f"{LIBRARY_NAME}'s SHA-256 is {digest}, the record says {library.get('sha256')}")
-        return Entry(key, folder, inputs, digest, size, wgsl_result, str(record.get("created")))
+        return Entry(key, folder, inputs, digest, size, wgsl_result, str(record.get("created")), memory)
 
-    def store(self, key: str, inputs: dict, library: Path, wgsl_result: dict) -> Entry:
+    def store(self, key: str, inputs: dict, library: Path, wgsl_result: dict, memory: dict | None = None) -> Entry:
         """File `library` under `key`. If another conversion filed a valid entry first, theirs is kept
         and returned (made from the same inputs), and ours removed."""
         folder = self.folder_of(key)
@@ -240,11 +243,12 @@ class LibraryCache:
                 raise ValueError(f"{library} is not a wasm module")
             created = datetime.now(UTC).isoformat(timespec="seconds")
             record = {"key_format": KEY_FORMAT, "key": key, "inputs": inputs, "created": created}
-            record |= {"library": {"sha256": digest, "size": size}, "wgsl": wgsl_result}
+            record |= {"library": {"sha256": digest, "size": size}, "wgsl": wgsl_result, "memory": memory or {}}
             _write_new(staging / RECORD_NAME, [json.dumps(record, indent=2, sort_keys=True).encode()])
             os.chmod(staging, 0o755)  # mkdtemp made it 0700
             _fsync_folder(staging)
-            return self._publish(Entry(key, folder, inputs, digest, size, wgsl_result, created), staging)
+            entry = Entry(key, folder, inputs, digest, size, wgsl_result, created, memory or {})
+            return self._publish(entry, staging)
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # already gone when it was renamed into place
 
@@ -264,6 +268,26 @@ class LibraryCache:
                     os.rename(ours.folder, aside / "entry")  # renames a symlink itself, never its target
                 shutil.rmtree(aside, ignore_errors=True)
         raise OSError(f"could not file the library under {ours.folder}")
+
+    @contextlib.contextmanager
+    def compiling(self, key: str, on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:
+        """Held while one conversion looks up, compiles and files the library of `key`: a second one
+        (another batch item of the same base, in its own container on the same cache) waits here and
+        then finds the entry, rather than compiling the same library at the same time. An advisory
+        lock (flock) on a file under .locks/, released when its holder ends, however it ends."""
+        locks = self.root / ".locks"
+        _make_folder(self.root, may_be_link=True)
+        _make_folder(locks)
+        descriptor = os.open(locks / f"{self.folder_of(key).name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                on_wait()
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # releases the lock
 
     def copy_into(self, entry: Entry, target: Path) -> Path:
         """Copy the verified library to `target` (a temp name, then a rename). The copy's digest is checked
