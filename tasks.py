@@ -3,6 +3,7 @@
 invoke build [--profile P] [--until LAYER] [--set KEY=VALUE ...] [--dry-run]
 invoke verify [--profile P] [--layer L]
 invoke convert MODEL_DIR -q Q -o OUT [...]
+invoke publish-bundle OUT --repo user/name [--dry-run]
 invoke test | lint | layers | mirror | publish | doctor | clean
 """
 
@@ -13,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from invoke import Collection, Exit, task
+from invoke import Collection, Exit, Task, task
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -47,6 +48,17 @@ def friendly(func):
             raise Exit(f"build stopped at layer {error.layer!r}: {error.reason}", code=error.exit_code) from None
 
     return wrapper
+
+
+class LetterFlagsTask(Task):
+    """A task whose short flags are letters only: invoke gives an option the first character of its
+    name no other option has taken, which for `--allow-pickle` in convert (a, l, o, w taken) is `-`,
+    shown and parsed as a flag `--`. Such an option keeps its long name alone."""
+
+    def arg_opts(self, name, default, taken_names):
+        opts = super().arg_opts(name, default, taken_names)
+        opts["names"] = [flag for flag in opts["names"] if flag == opts["names"][0] or flag.isalnum()]
+        return opts
 
 
 PROFILE_HELP = "pin profile from images/pins.toml: stable (default), nightly, cpu, hermetic"
@@ -144,10 +156,12 @@ def verify(
 
 @task(
     help={
-        "model_dir": "Hugging Face model folder on this host (mounted read-only)",
+        "model_dir": "Hugging Face model folder on this host (mounted read-only), or a Hub model id "
+        "org/name[@revision], fetched on this host into the Hugging Face cache with your HF_TOKEN or `hf auth "
+        "login` (the container never gets the token); a local path that exists wins over a Hub id (docs/HUB.md)",
         "quantization": "mlc_llm quantization for WebGPU: q4f16_1 (usual), q4f32_1, q3f16_1, q0f16, q0f32",
         "output": "output folder on this host; files are owned by you",
-        "adapter": "PEFT adapter folder to merge first (mounted read-only)",
+        "adapter": "PEFT adapter folder to merge first (mounted read-only; a local folder, not a Hub id)",
         "conv_template": "mlc_llm conversation template (default: the one that renders like the model's chat template)",
         "model_id": "model_id in the WebLLM app config (default: the output folder's name)",
         "prefill_chunk_size": "prefill chunk size; 1024 avoids WebGPU buffer-size errors",
@@ -161,7 +175,14 @@ def verify(
         "fails on it instead (docs/CONVERT.md)",
         "device": "where the merge and weight conversion run: auto (default: the GPU when passed), cpu, cuda",
         "link_opt": "emcc's -O level at the library's link: O2 (default, about twice as fast) or O3 (TVM's own)",
-    }
+        "lib_cache": "the library cache shared by conversions, so fine-tunes of one base compile once "
+        "(default: $LLM2WASM_LIB_CACHE, else ~/.cache/llm2wasm/libraries; docs/CONVERT.md)",
+        "no_lib_cache": "compile the library even when the cache holds one of the same shape, settings and "
+        "tools, and leave the cache alone",
+        "allow_pickle": "a Hub model without safetensors: fetch its pytorch_model*.bin. Off by default: loading a "
+        "pickle can run code from the repository (llm2wasm still inspects it opcode by opcode)",
+    },
+    klass=LetterFlagsTask,
 )
 @friendly
 def convert(
@@ -182,21 +203,30 @@ def convert(
     wgsl_repair=True,
     device=None,
     link_opt=None,
+    allow_pickle=False,
+    lib_cache=None,
+    no_lib_cache=False,
 ):
-    """Convert a model (and optional PEFT adapter) into a WebLLM bundle, in the built image."""
+    """Convert a model (a folder or a Hub id, and optional PEFT adapter) into a WebLLM bundle, in the built image."""
+    from llm2wasm.host.hubconvert import check_adapter_source, record_source, resolve_model_source
     from llm2wasm.host.layers import FINAL_LAYER, get_layer
+    from llm2wasm.host.librarycache import library_cache_for
     from llm2wasm.host.run import ConvertJob, convert_options, run_convert_job
 
     if not quantization or not output:
         raise UsageError(
             "convert needs --quantization (-q) and --output (-o): invoke convert MODEL_DIR -q q4f16_1 -o OUT"
         )
+    adapter_dir = check_adapter_source(adapter)
+    source = resolve_model_source(model_dir, allow_pickle=allow_pickle)  # a Hub id: fetched here, on the host
     job = ConvertJob(
         image=image or get_layer(FINAL_LAYER).tag(profile),
-        model_dir=Path(model_dir),
+        model_dir=source.model_dir,
+        model_files=source.model_files,
+        shown_model=source.shown_model,
         output=Path(output),
         quantization=quantization,
-        adapter=Path(adapter) if adapter else None,
+        adapter=adapter_dir,
         options=convert_options(
             conv_template=conv_template,
             model_id=model_id,
@@ -209,10 +239,12 @@ def convert(
             no_wgsl_repair=not wgsl_repair,
         ),
         gpu=False if cpu else None,
+        library_cache=library_cache_for(lib_cache, no_lib_cache),
     )
     status = run_convert_job(job)
     if status:
         raise Exit(code=status)
+    record_source(Path(output), source, adapter_merged=adapter_dir is not None)  # source.json, for publish-bundle
 
 
 @task(
@@ -227,6 +259,10 @@ def convert(
         "profile": "which built image to use (llm2wasm:app-PROFILE); default stable",
         "image": "run (or, with --k8s, name) this image instead of llm2wasm:app-PROFILE",
         "cpu": "do not pass the GPU even when Docker has the NVIDIA runtime",
+        "lib_cache": "the library cache shared by conversions, so fine-tunes of one base compile once "
+        "(default: $LLM2WASM_LIB_CACHE, else ~/.cache/llm2wasm/libraries; docs/CONVERT.md)",
+        "no_lib_cache": "compile the library even when the cache holds one of the same shape, settings and "
+        "tools, and leave the cache alone",
     }
 )
 @friendly
@@ -242,10 +278,13 @@ def batch(
     profile="stable",
     image=None,
     cpu=False,
+    lib_cache=None,
+    no_lib_cache=False,
 ):
     """Convert every item of a batch spec in the built image, a few at a time; one app config for all."""
     from llm2wasm.host.batchrun import batch_command
     from llm2wasm.host.layers import FINAL_LAYER, get_layer
+    from llm2wasm.host.librarycache import library_cache_for
 
     failed = batch_command(
         Path(spec),
@@ -257,6 +296,7 @@ def batch(
         k8s=k8s,
         claim=claim,
         parallelism=int(parallelism),
+        library_cache=None if matrix or k8s else library_cache_for(lib_cache, no_lib_cache),
     )
     if failed:
         raise Exit(f"{failed} item(s) failed; their logs are in {Path(output) / '.batch'}/", code=1)
@@ -287,6 +327,46 @@ def preview(c, bundle, port=8000, host="127.0.0.1", profile="stable", image=None
         public_url=public_url,
     )
     sys.exit(run_preview_job(job))
+
+
+@task(
+    help={
+        "bundle": "a bundle made by `invoke convert` (its output folder)",
+        "repo": "the Hub model repository to publish to, namespace/name (created when missing), e.g. "
+        "you/Qwen2.5-0.5B-Instruct-q4f16_1-MLC: one repository per quantization, as WebLLM's own",
+        "revision": "the branch to commit to (default main); the published URLs name it",
+        "dry_run": "list what would be sent (and what the Hub already holds) and the entry; send nothing "
+        "(no token needed)",
+        "private": "create the repository private (only when it does not exist yet; WebLLM apps of others cannot "
+        "then load it)",
+        "endpoint": "the Hub's address (default: HF_ENDPOINT, else https://huggingface.co)",
+        "license": "the card's license when the base model names none (a model converted from a local folder)",
+        "profile": "the profile whose pinned WebLLM version the card names as tested (the one `invoke preview` runs)",
+    }
+)
+@friendly
+def publish_bundle(
+    c, bundle, repo=None, revision="main", dry_run=False, private=False, endpoint=None, license=None, profile="stable"
+):
+    """Publish a bundle to a Hugging Face model repository, with a model card and a ready WebLLM model_list entry.
+
+    The weights and the library (named as WebLLM names its own) go to the repository root; files the
+    Hub already holds with the same content are not sent again. The token: HF_TOKEN or `hf auth login`."""
+    from llm2wasm.host.hubpublishcommand import publish_command, webllm_version_of
+    from llm2wasm.host.pins import resolve_profile
+
+    if not repo:
+        raise UsageError("publish-bundle needs --repo: invoke publish-bundle OUT --repo you/Model-q4f16_1-MLC")
+    publish_command(
+        Path(bundle),
+        repo,
+        webllm_version=webllm_version_of(resolve_profile(profile)),
+        revision=revision,
+        dry_run=dry_run,
+        private=private or None,
+        endpoint=endpoint,
+        license=license,
+    )
 
 
 @task(
@@ -343,16 +423,28 @@ def doctor(c, profile=None, set_=None):
         raise Exit("doctor found problems (see the fixes above)", code=1)
 
 
-@task(help={"profile": "remove this profile's images (default: every profile)"})
-def clean(c, profile=None):
-    """Remove llm2wasm's images and its build records.
+@task(
+    help={
+        "profile": "remove this profile's images (default: every profile)",
+        "lib_cache": "empty the library cache instead ($LLM2WASM_LIB_CACHE, else ~/.cache/llm2wasm/libraries); "
+        "images are kept",
+    }
+)
+def clean(c, profile=None, lib_cache=False):
+    """Remove llm2wasm's images and its build records; or, with --lib-cache, empty the library cache.
 
     The images: llm2wasm:* and the failed layers kept in llm2wasm-failed:*; the records: build logs
-    and verification results in .llm2wasm/."""
+    and verification results in .llm2wasm/. The library cache's size is shown either way."""
+    from llm2wasm.host import librarycache
     from llm2wasm.host.build import remove_images
 
+    folder = librarycache.default_library_cache()
+    if lib_cache:
+        print(librarycache.empty(folder))
+        return
     remove_images(profile)
     print("removed llm2wasm images and .llm2wasm/")
+    print(f"{librarycache.describe(folder)} (kept; `invoke clean --lib-cache` empties it)")
 
 
 @task(help={"json": "print the registry as JSON (what CI reads)"})
@@ -466,5 +558,19 @@ def mirror(c, action):
 
 
 ns = Collection(
-    build, verify, convert, batch, preview, browser_check, publish, layers, lint, test, mirror, doctor, clean, lock
+    build,
+    verify,
+    convert,
+    batch,
+    preview,
+    browser_check,
+    publish,
+    publish_bundle,
+    layers,
+    lint,
+    test,
+    mirror,
+    doctor,
+    clean,
+    lock,
 )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import pytest
@@ -225,7 +226,12 @@ def test_provenance_records_where_the_model_came_from(hub, tmp_path):
         commit,
         "apache-2.0",
     )
-    assert {"path": SHARDS[1], "size": 200} in record["files"]
+    shard_sha256 = hashlib.sha256(b"\1" * 200).hexdigest()
+    assert {"path": SHARDS[1], "size": 200, "sha256": shard_sha256} in record["files"]
+    # an LFS file's sha256 is its blob's name in the cache: gigabytes of weights are not read again
+    assert (model.folder / SHARDS[1]).resolve().name == shard_sha256
+    config = next(entry for entry in record["files"] if entry["path"] == "config.json")
+    assert config["sha256"] == hashlib.sha256((model.folder / "config.json").read_bytes()).hexdigest()
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     assert hubfetch.read_provenance(bundle) is None

@@ -15,7 +15,9 @@ where a model came from (source.json), for the bundle to carry and `hubpublish` 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -49,6 +51,7 @@ ADAPTER_PICKLE = "adapter_model.bin"
 PROVENANCE_FILE = "source.json"
 # A revision is a branch, a tag, a commit id or a ref such as refs/pr/1: no spaces, no `..`.
 REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -307,6 +310,20 @@ def _offline_message(ref: HubRef, hub: str, cache: Path, error: BaseException | 
     return f"{reason}, and {ref} is not in the cache {cache}: {fix}. Once fetched, a model is used from the cache"
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a fetched file. The cache names a large (LFS) file's blob by the Hub's sha256 of
+    it, so gigabytes of weights need not be read again; a small file's blob is named by its git id,
+    and that file is hashed here."""
+    blob = Path(os.readlink(path)).name if path.is_symlink() else ""
+    if SHA256_HEX.fullmatch(blob):
+        return blob
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def provenance(model: FetchedModel) -> dict:
     """Where a model came from, for source.json: no credentials, no local paths."""
     record = {
@@ -314,7 +331,10 @@ def provenance(model: FetchedModel) -> dict:
         "revision": model.revision,
         "commit": model.commit,
         "endpoint": public_endpoint(model.endpoint),
-        "files": [{"path": name, "size": (model.folder / name).stat().st_size} for name in model.files],
+        "files": [
+            {"path": name, "size": (model.folder / name).stat().st_size, "sha256": file_sha256(model.folder / name)}
+            for name in model.files
+        ],
     }
     if model.license:
         record["license"] = model.license

@@ -25,9 +25,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 from llm2wasm.errors import UsageError
+from llm2wasm.host.hubfetch import public_endpoint  # (it goes into published URLs)
 
 APP_CONFIG = "app-config.json"
 WEIGHTS = Path("model") / "resolve" / "main"
@@ -46,6 +47,7 @@ VERSION_LABELS = {
     "llm2wasm": "llm2wasm",
     "mlc_llm": "mlc-llm",
     "tvm": "TVM",
+    "web_runtime": "web runtimes built from",
     "emscripten": "emscripten (emsdk)",
     "webllm": "WebLLM (tested with)",
 }
@@ -178,13 +180,6 @@ def wasm_file_name(model_id: str, quantization: str, prefill_chunk_size: object)
     return f"{base}-webgpu.wasm"
 
 
-def public_endpoint(endpoint: str) -> str:
-    """The endpoint without user:password@, query or fragment (it goes into published URLs)."""
-    parts = urlsplit(endpoint)
-    netloc = f"{parts.hostname or ''}:{parts.port}" if parts.port else parts.hostname or ""
-    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
-
-
 def published_record(bundle: Bundle, repo_id: str, endpoint: str, revision: str, library_name: str) -> dict:
     """The bundle's ModelRecord with absolute URLs into the repository (`model` ends in
     /resolve/<revision>/, which WebLLM uses as it is) and shader-f16 required for f16 quantizations."""
@@ -209,8 +204,11 @@ def model_card(
     """README.md of the repository: Hub metadata (front matter), how to load it, how it was made."""
     base_model = source.get("repo_id") if source else None
     meta = ["library_name: mlc-llm"]
+    # a PEFT adapter merged in before quantizing: no longer a quantization of the base model alone
+    merged = bool(source and source.get("adapter_merged"))
+    relation = "finetune" if merged else "quantized"
     if base_model:
-        meta += [f"base_model: {_yaml_scalar(base_model)}", "base_model_relation: quantized"]
+        meta += [f"base_model: {_yaml_scalar(base_model)}", f"base_model_relation: {relation}"]
     if license:
         meta.append(f"license: {_yaml_scalar(license)}")
     meta += ["tags:", "- mlc-llm", "- web-llm", f"- {_yaml_scalar(bundle.quantization)}"]
@@ -219,6 +217,7 @@ def model_card(
         commit = (source or {}).get("commit")
         at = f" (commit `{commit}`)" if isinstance(commit, str) else ""
         origin = f"[{base_model}]({source.get('endpoint') or 'https://huggingface.co'}/{base_model}){at}"
+        origin += " with a PEFT adapter merged in" if merged else ""
     f16 = (
         "\nIt needs the browser's `shader-f16` WebGPU feature (`required_features`).\n"
         if "shader-f16" in record.get("required_features", [])

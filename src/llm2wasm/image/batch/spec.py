@@ -30,6 +30,7 @@ MODEL_KEYS = {
 }
 DEFAULT_KEYS = MODEL_KEYS - {"path", "adapter", "model_id"}
 TOP_KEYS = {"base_url", "defaults", "model"}
+HUB_KEY = "hub"  # `invoke convert` takes a Hub id; a batch does not (yet)
 RESOURCE_KEYS = {"cpu", "memory", "gpu"}
 # mlc_llm's quantization names: q<weight bits>f<float bits>[_<variant>] (q4f16_1, q0f32, q4f16_ft ...)
 QUANTIZATION = re.compile(r"q\d+f\d+(_\w+)?")
@@ -170,11 +171,23 @@ def parse_spec(text: str, path: Path, root: Path | None = None, *, check_paths: 
             continue
         where = f"model {number} ({entry.get('path', 'no path')})"
         for key in entry:
-            if key not in MODEL_KEYS:
+            if key == HUB_KEY:
+                # the items run in containers without network: a Hub model has to be fetched on the host first
+                repo, _, revision = str(entry[key]).partition("@")
+                name = repo.rsplit("/", 1)[-1] or "NAME"
+                pinned = f" --revision {revision}" if revision else ""
+                problems.append(
+                    f"{where}: a batch takes local model folders only, not hub = {entry[key]!r}: fetch it first "
+                    f'(hf download {repo}{pinned} --local-dir models/{name}) and give path = "models/{name}" '
+                    "(docs/HUB.md)"
+                )
+            elif key not in MODEL_KEYS:
                 problems.append(f"{where}: unknown key {key!r}{_nearest(key, MODEL_KEYS)}")
         _check_settings(where, entry, problems)
         settings = {**defaults, **entry}
         model_path = entry.get("path")
+        if HUB_KEY in entry and model_path is None:
+            continue  # said above
         if not isinstance(model_path, str) or not model_path:
             problems.append(f'{where}: path is missing: the model folder, e.g. path = "models/Qwen2.5-0.5B-Instruct"')
             continue

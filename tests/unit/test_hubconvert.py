@@ -1,0 +1,199 @@
+"""`invoke convert org/name[@revision]`: the model fetched on the host from the (stand-in) Hub through
+the real `huggingface_hub` client, mounted file by file, its provenance written into the bundle; a
+local path that exists wins; what the user can fix exits 2 with the fix. Docker is never reached:
+the task's conversion (llm2wasm.host.run.run_convert_job) is replaced by a recorder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from invoke import Context, Exit
+
+from llm2wasm.errors import UsageError
+from llm2wasm.host import hubconvert, hubfetch
+from llm2wasm.host import run as run_module
+from tests.standins.hub import point_client_at
+from tests.standins.hub.server import StandinHub
+from tests.unit.test_hubfetch import SHARDS, sharded_model
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+import tasks  # noqa: E402
+
+INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
+SECRET = "hf_member_secret_token"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    with StandinHub(tmp_path / "store", tokens={SECRET: "member", "hf_reader": "reader"}) as hub:
+        point_client_at(monkeypatch, hub.url, tmp_path / "hf-home")
+        yield hub
+
+
+@pytest.fixture
+def conversions(monkeypatch):
+    """The ConvertJobs the task hands to Docker, recorded instead; each 'succeeds'."""
+    jobs = []
+
+    def record(job):
+        jobs.append(job)
+        job.output.mkdir(parents=True, exist_ok=True)
+        return 0
+
+    monkeypatch.setattr(run_module, "run_convert_job", record)
+    return jobs
+
+
+def test_a_hub_id_is_fetched_and_mounted_file_by_file(hub, tmp_path, conversions, monkeypatch):
+    commit = hub.seed_repo("org/model", sharded_model())
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "dist" / "model"
+    tasks.convert(Context(), "org/model", quantization="q4f16_1", output=str(out))
+    (job,) = conversions
+    assert job.shown_model == f"org/model@{commit}"
+    assert sorted(job.model_files) == sorted(
+        ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+         "model.safetensors.index.json", *SHARDS]
+    )  # fmt: skip
+    assert job.model_dir == tmp_path / "hf-home" / "hub" / "models--org--model" / "snapshots" / commit
+    assert all(path.resolve().is_file() for path in job.model_files.values())
+    # what run.py mounts: each file as a regular file of /input/model, never the snapshot's links
+    mounts = run_module.model_mounts(job)
+    assert {target for _, target, _ in mounts} == {f"/input/model/{name}" for name in job.model_files}
+    assert all(not source.is_symlink() and read_only for source, _, read_only in mounts)
+    source = json.loads((out / "source.json").read_text())
+    assert (source["repo_id"], source["revision"], source["commit"]) == ("org/model", None, commit)
+    assert source["license"] == "apache-2.0" and "adapter_merged" not in source
+    assert {"path": SHARDS[1], "size": 200, "sha256": sha256(b"\1" * 200)} in source["files"]
+    config = next(entry for entry in source["files"] if entry["path"] == "config.json")
+    assert config["sha256"] == sha256((job.model_dir / "config.json").read_bytes())
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_a_pinned_revision_is_the_commit_converted(hub, tmp_path, conversions):
+    old = hub.seed_repo("org/model", sharded_model(version=1), tag="v1")
+    hub.seed_repo("org/model", sharded_model(version=2))
+    tasks.convert(Context(), "org/model@v1", quantization="q4f16_1", output=str(tmp_path / "out"))
+    assert conversions[0].shown_model == f"org/model@{old}"
+    assert json.loads(conversions[0].model_files["config.json"].read_text())["version"] == 1
+    source = json.loads((tmp_path / "out" / "source.json").read_text())
+    assert (source["revision"], source["commit"]) == ("v1", old)
+
+
+def test_an_existing_local_folder_wins_over_a_hub_id(hub, tmp_path, conversions, monkeypatch):
+    hub.seed_repo("org/model", sharded_model())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "model").mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "source.json").write_text('{"repo_id": "org/earlier"}')  # an earlier Hub conversion's
+    tasks.convert(Context(), "org/model", quantization="q4f16_1", output="out")
+    (job,) = conversions
+    assert (job.model_dir, job.model_files, job.shown_model) == (Path("org/model"), None, None)
+    assert hub.requests == []  # nothing asked of the Hub
+    assert not (tmp_path / "out" / "source.json").exists()  # it would cite a model this bundle is not
+
+
+def test_a_failed_conversion_records_no_source(hub, tmp_path, monkeypatch):
+    hub.seed_repo("org/model", sharded_model())
+    monkeypatch.setattr(run_module, "run_convert_job", lambda job: 1)
+    with pytest.raises(Exit) as stopped:
+        tasks.convert(Context(), "org/model", quantization="q4f16_1", output=str(tmp_path / "out"))
+    assert stopped.value.code == 1 and not (tmp_path / "out" / "source.json").exists()
+
+
+def test_a_merged_adapter_is_recorded_with_the_source(hub, tmp_path, conversions):
+    hub.seed_repo("org/model", sharded_model())
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    tasks.convert(Context(), "org/model", quantization="q4f16_1", output=str(tmp_path / "out"), adapter=str(adapter))
+    assert conversions[0].adapter == adapter
+    assert json.loads((tmp_path / "out" / "source.json").read_text())["adapter_merged"] is True
+
+
+@pytest.mark.parametrize(
+    ("model", "options", "message"),
+    [
+        ("org/missing", {}, r"org/missing is not a model on .*check the id"),
+        ("org/model@nope", {}, r"no revision 'nope'.*a tag \(v1\)"),
+        ("org/gated", {}, r"gated: accept its terms on .*hf auth login.*HF_TOKEN"),
+        ("org/pickled", {}, r"only as pickle files .*--allow-pickle"),
+        ("org/gguf", {}, r"holds no model weights .*pick the repository of the original weights"),
+        ("org/lora", {}, r"is a PEFT adapter, not a model.*--adapter"),
+        ("my-model", {}, r"model folder my-model does not exist.*org/name\[@revision\]"),
+        ("./models/llama", {}, r"does not exist: give a model folder"),
+        ("org/model", {"adapter": "org/lora@v2"}, r"adapters are taken from local folders.*--revision v2"),
+        ("org/model", {"quantization": None}, r"convert needs --quantization"),
+    ],
+)
+def test_what_the_user_can_fix_exits_2_with_the_fix(hub, tmp_path, conversions, model, options, message):
+    hub.seed_repo("org/model", sharded_model(), tag="v1")
+    hub.seed_repo("org/gated", sharded_model(), gated="manual", authorized=["member"])
+    hub.seed_repo("org/pickled", {"config.json": "{}", "pytorch_model.bin": b"\0" * 8})
+    hub.seed_repo("org/gguf", {"config.json": "{}", "model-q4.gguf": b"\0" * 8})
+    hub.seed_repo("org/lora", {"adapter_config.json": "{}", "adapter_model.safetensors": b"\0" * 8})
+    arguments = {"quantization": "q4f16_1", "output": str(tmp_path / "out"), **options}
+    with pytest.raises(Exit) as stopped:
+        tasks.convert(Context(), model, **arguments)
+    assert stopped.value.code == 2
+    assert re.search(message, str(stopped.value.message)), stopped.value.message
+    assert conversions == [] and not (tmp_path / "out").exists()
+
+
+def test_pickle_weights_with_the_explicit_flag(hub, tmp_path, conversions):
+    hub.seed_repo("org/pickled", {"config.json": "{}", "pytorch_model.bin": b"\0" * 8})
+    tasks.convert(Context(), "org/pickled", quantization="q0f32", output=str(tmp_path / "out"), allow_pickle=True)
+    assert sorted(conversions[0].model_files) == ["config.json", "pytorch_model.bin"]
+
+
+def test_the_command_line_uses_the_clients_token_and_exits_2_without_access(hub, tmp_path):
+    """The real `invoke convert`, in its own process: the client's token from HF_TOKEN (a user the
+    gated model has not authorized), never shown; it stops before Docker, with the fix."""
+    hub.seed_repo("org/gated", sharded_model(), gated="manual", authorized=["member"])
+    environment = {**os.environ, "HF_TOKEN": "hf_reader"}
+    result = subprocess.run(
+        [*INVOKE, "convert", "org/gated", "-q", "q4f16_1", "-o", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, env=environment,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "org/gated is gated and the token in use" in result.stderr
+    assert "hf_reader" not in result.stdout + result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cache_serves_a_second_resolution_without_downloading(hub):
+    hub.seed_repo("org/model", sharded_model())
+    first = hubconvert.resolve_model_source("org/model")
+    hub.requests.clear()
+    second = hubconvert.resolve_model_source("org/model")
+    assert second == first and hub.served(containing="/resolve/") == []
+    assert first.from_hub and not hubconvert.resolve_model_source(".").from_hub
+
+
+def test_the_record_names_the_hub_and_not_this_machine(hub, tmp_path):
+    hub.seed_repo("org/model", sharded_model())
+    source = hubconvert.resolve_model_source("org/model")
+    text = json.dumps(source.provenance)
+    assert str(tmp_path) not in text and SECRET not in text
+    assert source.provenance["endpoint"] == hub.url
+    (tmp_path / "bundle").mkdir()
+    written = hubconvert.record_source(tmp_path / "bundle", source)
+    assert hubfetch.read_provenance(tmp_path / "bundle") == source.provenance and written.name == "source.json"
+
+
+def test_an_adapter_that_is_a_folder_or_a_plain_path_is_left_to_the_conversion_checks(tmp_path):
+    assert hubconvert.check_adapter_source(None) is None
+    assert hubconvert.check_adapter_source("lora") == Path("lora")
+    assert hubconvert.check_adapter_source("./org/lora") == Path("./org/lora")
+    with pytest.raises(UsageError, match=r"hf download org/lora --local-dir ./adapter"):
+        hubconvert.check_adapter_source("org/lora")
