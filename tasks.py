@@ -14,7 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from invoke import Collection, Exit, Task, task
+from invoke import Collection, Exit, Task
+from invoke import task as invoke_task
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -51,14 +52,22 @@ def friendly(func):
 
 
 class LetterFlagsTask(Task):
-    """A task whose short flags are letters only: invoke gives an option the first character of its
-    name no other option has taken, which for `--allow-pickle` in convert (a, l, o, w taken) is `-`,
-    shown and parsed as a flag `--`. Such an option keeps its long name alone."""
+    """A task whose short flags are letters, never `h`: invoke gives an option the first character of
+    its name no other option has taken, which for `--allow-pickle` in convert (a, l, o, w taken) or
+    `--no-preflight` in build is `-`, shown and parsed as a flag `--`; and `h` would make `-h` of
+    preview's --host, where everyone types `-h` for help. Such an option keeps its long name alone."""
 
     def arg_opts(self, name, default, taken_names):
         opts = super().arg_opts(name, default, taken_names)
-        opts["names"] = [flag for flag in opts["names"] if flag == opts["names"][0] or flag.isalnum()]
+        first, *short = opts["names"]
+        opts["names"] = [first, *(flag for flag in short if flag.isalnum() and flag != "h")]
         return opts
+
+
+def task(*args, **kwargs):
+    """invoke's @task, every task a LetterFlagsTask."""
+    kwargs.setdefault("klass", LetterFlagsTask)
+    return invoke_task(*args, **kwargs)
 
 
 PROFILE_HELP = "pin profile from images/pins.toml: stable (default), nightly, cpu, hermetic"
@@ -182,7 +191,6 @@ def verify(
         "allow_pickle": "a Hub model without safetensors: fetch its pytorch_model*.bin. Off by default: loading a "
         "pickle can run code from the repository (llm2wasm still inspects it opcode by opcode)",
     },
-    klass=LetterFlagsTask,
 )
 @friendly
 def convert(

@@ -65,6 +65,18 @@ def test_every_llm2wasm_subcommand_answers_help(argv, capsys):
     assert capsys.readouterr().out.startswith("usage: llm2wasm")
 
 
+def test_no_task_option_has_a_short_flag_that_is_punctuation_or_h():
+    """invoke gives an option the first free character of its name: `-` for --no-preflight showed
+    and parsed as `--`, and `-h` for preview's --host is what everyone types for help."""
+    bad = {
+        f"{name} --{argument.name}": sorted(argument.names)
+        for name in COLLECTION.task_names
+        for argument in COLLECTION[name].get_arguments()
+        if any(len(flag) == 1 and (not flag.isalnum() or flag == "h") for flag in argument.names)
+    }
+    assert not bad, bad
+
+
 def test_every_task_description_in_the_list_is_a_whole_sentence():
     """`invoke --list` shows a docstring's first line: it must be a sentence, not half of one."""
     cut = {
