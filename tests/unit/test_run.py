@@ -88,6 +88,11 @@ def test_missing_inputs_are_usage_errors(monkeypatch, tmp_path, model):
         )
     with pytest.raises(UsageError, match=r"image img not found: build it with `invoke build`"):
         docker_command(ConvertJob(image="img", model_dir=model, output=tmp_path / "o", quantization="q"))
+    # llm2wasm's own image names the profile that builds it: a bare `invoke build` makes another
+    with pytest.raises(
+        UsageError, match=r"image llm2wasm:app-cpu not found: build it with `invoke build --profile cpu`"
+    ):
+        docker_command(ConvertJob(image="llm2wasm:app-cpu", model_dir=model, output=tmp_path / "o", quantization="q"))
 
 
 def test_container_paths_shown_as_host_paths(monkeypatch, capsys):

@@ -103,8 +103,7 @@ def run_batch(
     jobs = default_jobs() if jobs is None else jobs
     if jobs < 1:
         raise UsageError(f"--jobs {jobs}: run at least one item at a time")
-    if docker.image_id(image) is None:
-        raise UsageError(f"image {image} not found: build it with `invoke build` (or pass --image)")
+    docker.require_image(image)
     output = output.resolve()
     if output == spec.root or spec.root in output.parents:
         raise UsageError(f"output {output} is inside the spec's folder {spec.root}: write the bundles elsewhere")

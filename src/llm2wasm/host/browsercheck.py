@@ -76,8 +76,7 @@ def browser_check(
             "no Chromium or Chrome found: install Debian's chromium (`bash .ci/setup.sh` as root) or "
             "set LLM2WASM_BROWSER to the browser's executable"
         )
-    if docker.image_id(image) is None:
-        raise UsageError(f"image {image} not found: build it with `invoke build` (or pass --image)")
+    docker.require_image(image)
     work.mkdir(parents=True, exist_ok=True)
     say(f"browser-check: making a tiny decisive model and its transformers reference in {image}")
     made = _in_image(image, work, "-c", MAKE_MODEL % (STEPS, quantization), entrypoint="python")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
@@ -49,6 +50,18 @@ def image_id(ref: str) -> str | None:
     if "no such" not in result.stderr.lower():
         ensure_engine()
     return None
+
+
+def require_image(ref: str) -> str:
+    """The image's ID; a UsageError naming the build that makes it when there is none. An image of
+    llm2wasm's own (`REPOSITORY:app-PROFILE`) names its profile: a bare `invoke build` makes the
+    stable one, which a machine without a GPU or without internet did not build."""
+    found = image_id(ref)
+    if found is not None:
+        return found
+    profile = re.fullmatch(r"[^:]+:app-([A-Za-z0-9_.-]+)", ref)
+    build = f"invoke build --profile {profile.group(1)}" if profile else "invoke build"
+    raise UsageError(f"image {ref} not found: build it with `{build}`, or pass --profile/--image for one you built")
 
 
 def tag(source: str, target: str) -> None:

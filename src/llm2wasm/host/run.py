@@ -174,8 +174,7 @@ def docker_command(job: ConvertJob, name: str | None = None) -> tuple[list[str],
     if job.adapter is not None and not (job.adapter / "adapter_config.json").is_file():
         raise UsageError(f"adapter folder {job.adapter} has no adapter_config.json: pass PEFT's save_pretrained folder")
     check_output_folder(job.output)
-    if docker.image_id(job.image) is None:
-        raise UsageError(f"image {job.image} not found: build it with `invoke build` (or pass --image)")
+    docker.require_image(job.image)
     # OUT is mounted under its own name, so the bundle's default model id, library name and README
     # name the user's folder, not the mount point; the container's messages show host paths.
     container_output = f"{CONTAINER_OUTPUT_ROOT}/{output.name}"
