@@ -48,6 +48,14 @@ def test_failed_command_names_the_step_and_its_log(tmp_path):
     assert "step compile failed" in str(error.value) and "Cannot find library" in str(error.value)
 
 
+def test_a_step_log_says_which_host_folder_each_container_path_is(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM2WASM_HOST_PATHS", json.dumps({"/output/dist": "/home/u/dist", "/input/model": "/m"}))
+    run_logged("gen_config", ["echo", "/output/dist/x"], tmp_path / "step.log")
+    command, paths, said = (tmp_path / "step.log").read_text().splitlines()
+    assert command == "$ echo /output/dist/x" and said == "/output/dist/x"  # the tool's own words are kept
+    assert paths == "# paths here are the container's: /input/model is /m; /output/dist is /home/u/dist"
+
+
 def test_source_view_links_every_file(tmp_path):
     model = tmp_path / "model"
     model.mkdir()

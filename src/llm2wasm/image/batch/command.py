@@ -42,7 +42,9 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--output", "-o", required=True, metavar="OUT", help="bundles go to OUT/<model_id>/")
     run.set_defaults(run=_run_item)
     collect_step = spec_parser("collect", "one app config of every bundle that succeeded, and a report")
-    collect_step.add_argument("--output", "-o", required=True, metavar="OUT")
+    collect_step.add_argument(
+        "--output", "-o", required=True, metavar="OUT", help="the items' output folder (OUT/<model_id>/, OUT/.batch/)"
+    )
     collect_step.set_defaults(run=_run_collect)
     matrix_step = spec_parser("matrix", "the GitHub Actions matrix (JSON) of the items")
     matrix_step.set_defaults(run=_run_matrix)

@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+from llm2wasm.image.hostpaths import host_paths
+
 HEARTBEAT_SECONDS = 30.0
 # Weight conversion and compilation run in two threads at once: a line is printed whole, and
 # state.json (llm2wasm.image.convert.workspace) is rewritten by one of them at a time.
@@ -35,10 +37,19 @@ class StepFailed(Exception):
 def run_logged(
     step: str, cmd: list[str], log: Path, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> None:
-    """Run a step's command, output to its log, a heartbeat on the terminal while it runs."""
+    """Run a step's command, output to its log, a heartbeat on the terminal while it runs. The log
+    keeps the tool's own words, container paths and all; its second line says which host folder each
+    mounted path is (what the terminal shows instead: llm2wasm.image.hostpaths)."""
     started = time.monotonic()
     with open(log, "w") as handle:
         handle.write("$ " + " ".join(cmd) + "\n")
+        mounted = host_paths()
+        if mounted:
+            handle.write(
+                "# paths here are the container's: "
+                + "; ".join(f"{c} is {h}" for c, h in sorted(mounted.items()))
+                + "\n"
+            )
         handle.flush()
         proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         while True:
