@@ -312,7 +312,9 @@ def batch(
 
 @task(
     help={
-        "bundle": "a bundle made by `invoke convert` (its output folder)",
+        "bundle": "a bundle made by `invoke convert` (its output folder), or a published model_list entry "
+        "(webllm-model-record.json of `invoke publish-bundle`, a file): the page then loads the model from the "
+        "entry's URLs, as any WebLLM app given it does (docs/HUB.md)",
         "port": "port on this machine (default 8000)",
         "host": "address on this machine to publish the port on (default 127.0.0.1)",
         "public-url": "the URL browsers open, e.g. http://my-box.lan:8000/ with --host 0.0.0.0 (the server "
@@ -323,13 +325,15 @@ def batch(
 )
 @friendly
 def preview(c, bundle, port=8000, host="127.0.0.1", profile="stable", image=None, public_url=None):
-    """Serve a bundle with a chat page that runs it in WebLLM (in the built image); open the printed URL."""
+    """Serve a bundle, or a published model_list entry, with a chat page that runs it in WebLLM; open the URL."""
     from llm2wasm.host.layers import FINAL_LAYER, get_layer
     from llm2wasm.host.run import PreviewJob, run_preview_job
 
+    published = Path(bundle).is_file()  # a file: a published entry; anything else: a bundle folder
     job = PreviewJob(
         image=image or get_layer(FINAL_LAYER).tag(profile),
-        bundle=Path(bundle),
+        bundle=None if published else Path(bundle),
+        record=Path(bundle) if published else None,
         port=int(port),
         host=host,
         public_url=public_url,

@@ -11,5 +11,6 @@ from tests.conftest import app_image
 __all__ = ["chromium_path", "free_port", "run_preview_page", "start_preview"]
 
 
-def start_preview(bundle: Path) -> tuple[str, str]:
-    return browser.start_preview(app_image(), bundle)
+def start_preview(bundle: Path | None, record: Path | None = None) -> tuple[str, str]:
+    """The preview in the hermetic app image, of a bundle or of a published entry (`record`)."""
+    return browser.start_preview(app_image(), bundle, record)

@@ -174,14 +174,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_preview(image: str, bundle: Path) -> tuple[str, str]:
-    """`llm2wasm preview` in the image, as `invoke preview` runs it; returns (url, container name)."""
+def start_preview(image: str, bundle: Path | None, record: Path | None = None) -> tuple[str, str]:
+    """`llm2wasm preview` in the image, as `invoke preview` runs it, of a bundle or (bundle None) of a
+    published model_list entry's file; returns (url, container name)."""
     port, name = free_port(), f"llm2wasm-preview-{uuid.uuid4().hex[:8]}"
-    subprocess.Popen(
-        preview_command(PreviewJob(image=image, bundle=bundle, port=port, name=name)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    command = preview_command(PreviewJob(image=image, bundle=bundle, port=port, name=name, record=record))
+    subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -246,16 +246,23 @@ def run_convert_job(job: ConvertJob) -> int:
     return status
 
 
+# where a published entry's file is mounted in the preview container (read-only, the file alone)
+CONTAINER_RECORD = "/record/webllm-model-record.json"
+
+
 @dataclass
 class PreviewJob:
     image: str
-    bundle: Path
+    bundle: Path | None  # None: `record` instead
     port: int = 8000
     host: str = "127.0.0.1"  # where the port is published on this machine
     name: str | None = None  # container name (tests stop it by name)
     # the URL a browser opens (the server answers to its host only); default: this machine's
     # loopback address when published on every address, else HOST
     public_url: str | None = None
+    # a published model_list entry (webllm-model-record.json) to run instead of a bundle: the page
+    # loads the model from its URLs (llm2wasm.image.preview.record)
+    record: Path | None = None
 
     def url(self) -> str:
         if self.public_url:
@@ -268,10 +275,21 @@ def preview_command(job: PreviewJob) -> list[str]:
     bundle is hostile input, so the server gets the least it needs: no capabilities, no privilege
     escalation, a bound on processes (a thread per connection), and a read-only root file system
     (it writes nothing: it reads the bundle and answers; /tmp is a tmpfs should anything want one).
-    The public URL is what the browser opens; the server answers to that host only."""
-    bundle = job.bundle.resolve()
-    if not (bundle / "app-config.json").is_file():
-        raise UsageError(f"{bundle / 'app-config.json'} not found: {bundle} is not a bundle made by `invoke convert`")
+    The public URL is what the browser opens; the server answers to that host only. A published
+    entry (`job.record`) is checked here first (exit 2 before Docker), then mounted alone, read-only."""
+    if job.record is not None:
+        from llm2wasm.image.preview.record import read_record
+
+        read_record(job.record)
+        served = bind_mount(job.record.resolve(strict=True), CONTAINER_RECORD, read_only=True)
+        arguments = ["--record", CONTAINER_RECORD]
+    else:
+        bundle = job.bundle.resolve()
+        if not (bundle / "app-config.json").is_file():
+            raise UsageError(
+                f"{bundle / 'app-config.json'} not found: {bundle} is not a bundle made by `invoke convert`"
+            )
+        served, arguments = bind_mount(bundle, "/bundle", read_only=True), ["/bundle"]
     if docker.image_id(job.image) is None:
         raise UsageError(f"image {job.image} not found: build it with `invoke build` (or pass --image)")
     import socket
@@ -300,10 +318,10 @@ def preview_command(job: PreviewJob) -> list[str]:
         "/tmp",
         "-p",
         f"{job.host}:{job.port}:8000",
-        *bind_mount(bundle, "/bundle", read_only=True),
+        *served,
         job.image,
         "preview",
-        "/bundle",
+        *arguments,
         "--host",
         "0.0.0.0",  # inside the container; published on job.host only
         "--port",

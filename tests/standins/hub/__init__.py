@@ -9,6 +9,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# What a client must not bring from the calling environment: a login, offline mode, another token file.
+CLIENT_UNSET = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_TOKEN_PATH", "HF_OIDC_RESOURCE")
+
+
+def client_environment(endpoint: str, home: Path) -> dict[str, str]:
+    """The environment that points a `huggingface_hub` client in a child process (`invoke convert
+    org/name`, `invoke publish-bundle`) at `endpoint`, with its own home under `home`. The caller
+    drops CLIENT_UNSET from what it passes on (and adds HF_TOKEN where the child should have one)."""
+    return {
+        "HF_ENDPOINT": endpoint,
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_XET": "1",
+    }
+
 
 def point_client_at(monkeypatch, endpoint: str, home: Path) -> None:
     """Make the installed `huggingface_hub` client, in this test, talk to `endpoint` with its own
@@ -19,16 +35,9 @@ def point_client_at(monkeypatch, endpoint: str, home: Path) -> None:
     from huggingface_hub import constants
 
     cache = home / "hub"
-    environment = {
-        "HF_ENDPOINT": endpoint,
-        "HF_HOME": str(home),
-        "HF_HUB_CACHE": str(cache),
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_DISABLE_XET": "1",
-    }
-    for name, value in environment.items():
+    for name, value in client_environment(endpoint, home).items():
         monkeypatch.setenv(name, value)
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_TOKEN_PATH", "HF_OIDC_RESOURCE"):
+    for name in CLIENT_UNSET:
         monkeypatch.delenv(name, raising=False)
     patched = {
         "ENDPOINT": endpoint,

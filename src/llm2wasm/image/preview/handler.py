@@ -1,5 +1,6 @@
 """One request to the preview server: the chat page, the served app config, the page's info, the
-pinned WebLLM, or a file of the bundle; everything else refused with a status that says why.
+pinned WebLLM, or a file of the bundle; everything else refused with a status that says why. Serving
+a published entry (`bundle` None), it serves no file but the page's: the model is the entry's URLs'.
 
 Only answering: which files may be served is llm2wasm.image.preview.bundlefiles, the app config
 llm2wasm.image.preview.appconfig, the public address llm2wasm.image.preview.addresses; the server
@@ -21,6 +22,7 @@ from urllib.parse import quote, unquote
 from llm2wasm.image.preview.addresses import LOOPBACK_NAMES, host_header
 from llm2wasm.image.preview.appconfig import bundle_base, served_config
 from llm2wasm.image.preview.bundlefiles import Refused, open_regular, path_segments, read_regular
+from llm2wasm.image.preview.record import weights_url
 
 # The chat page: package data of llm2wasm.image.preview (pyproject.toml), read with importlib.resources
 # so that it is found however the package is installed.
@@ -40,7 +42,7 @@ BUNDLE_FILE_HEADERS = {"Content-Security-Policy": "sandbox; default-src 'none'"}
 
 
 class PreviewHandler(BaseHTTPRequestHandler):
-    bundle: Path
+    bundle: Path | None  # None: the config is a published entry's (llm2wasm.image.preview.record)
     config: dict
     webllm: Path
     public_url: str
@@ -128,7 +130,7 @@ class PreviewHandler(BaseHTTPRequestHandler):
             body = resources.files("llm2wasm.image.preview").joinpath(PAGE_FILES[path]).read_bytes()
             return self.send_bytes(body, TYPES.get(Path(PAGE_FILES[path]).suffix, "text/html; charset=utf-8"))
         if path == "/app-config.json":
-            served, _ = served_config(self.config, self.served_base())
+            served = self.config if self.bundle is None else served_config(self.config, self.served_base())[0]
             return self.send_bytes(json.dumps(served).encode(), "application/json")
         if path == "/preview-info.json":
             return self.send_bytes(json.dumps(self.info()).encode(), "application/json")
@@ -137,6 +139,8 @@ class PreviewHandler(BaseHTTPRequestHandler):
                 return self.send_file(self.webllm / "lib", segments[-1:], "text/javascript")
             except Refused:
                 return self.not_found(path, f"WebLLM is not installed in {self.webllm}")
+        if self.bundle is None:
+            return self.not_found(path, "this preview runs a published entry: its files are at its own URLs")
         content_type = TYPES.get(Path(segments[-1]).suffix, "application/octet-stream")
         try:
             return self.send_file(self.bundle, segments, content_type)
@@ -154,7 +158,10 @@ class PreviewHandler(BaseHTTPRequestHandler):
                     shutil.copyfileobj(file, self.wfile, 1 << 20)  # weight shards: not read whole into memory
 
     def conversation(self) -> dict | None:
-        """The bundle's conversation template as the chat mode shows it (None: completions only)."""
+        """The bundle's conversation template as the chat mode shows it (None: completions only; for a
+        published entry the page reads it from the entry's mlc-chat-config.json itself)."""
+        if self.bundle is None:
+            return None
         try:
             chat_config = json.loads(read_regular(self.bundle, "model/resolve/main/mlc-chat-config.json"))
         except (Refused, json.JSONDecodeError, UnicodeDecodeError):
@@ -167,11 +174,23 @@ class PreviewHandler(BaseHTTPRequestHandler):
 
     def info(self) -> dict:
         record = self.config["model_list"][0]
-        original = bundle_base(record)
         version = None
         package = self.webllm / "package.json"
         if package.is_file():
             version = json.loads(package.read_text()).get("version")
+        if self.bundle is None:
+            return {
+                "model_id": record["model_id"],
+                "conversation": None,
+                "required_features": record.get("required_features", []),
+                "published": True,
+                "weights_url": weights_url(record["model"]),
+                "model_lib": record["model_lib"],
+                "served_base": self.served_base(),
+                "rewritten": False,
+                "webllm_version": version,
+            }
+        original = bundle_base(record)
         return {
             "model_id": record["model_id"],
             "conversation": self.conversation(),

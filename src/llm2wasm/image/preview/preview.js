@@ -16,7 +16,7 @@ function fail(message) {
 function explain(error) {
   const text = String(error && error.message ? error.message : error);
   if (/404|Not Found|Failed to fetch/i.test(text)) {
-    return `A file of the bundle could not be loaded: ${text}`;
+    return `A file of the model could not be loaded: ${text}`;
   }
   return text;
 }
@@ -50,11 +50,36 @@ async function checkFile(url, what) {
   if (!response.ok) throw new Error(`${response.status}: ${new URL(url).pathname} not found (${what})`);
 }
 
+// Where WebLLM reads a record's weights (its cleanModelUrl): the URL when it names a revision
+// (a published entry's .../resolve/main/), else resolve/main/ under it (a bundle's .../model/).
+function weightsUrl(model) {
+  const base = model.endsWith("/") ? model : `${model}/`;
+  return /.+\/resolve\/.+\//.test(base) ? base : `${base}resolve/main/`;
+}
+
+// A published entry's conversation template, read from its mlc-chat-config.json (null: none).
+async function publishedConversation(info) {
+  try {
+    const response = await fetch(new URL("mlc-chat-config.json", info.weights_url).href);
+    const conv = response.ok ? (await response.json()).conv_template : null;
+    if (!conv || typeof conv !== "object") return null;
+    const { name, system_message, stop_str, stop_token_ids } = conv;
+    return { name, system_message, stop_str, stop_token_ids };
+  } catch (error) {
+    return null;
+  }
+}
+
 async function main() {
   const info = await (await fetch("/preview-info.json")).json();
   $("model").textContent = info.model_id;
+  if (info.published) {
+    $("note").hidden = false;
+    $("note").textContent = `This page runs the published model_list entry: WebLLM loads the model from `
+      + `${info.weights_url} and its library from ${info.model_lib}, as any WebLLM app given that entry does.`;
+  }
   // Chat is the default when the bundle has a conversation template (what WebLLM apps use).
-  const conv = info.conversation;
+  const conv = info.published ? await publishedConversation(info) : info.conversation;
   if (conv) {
     $("template").textContent = `· conversation template ${conv.name}, stops on `
       + `${JSON.stringify(conv.stop_str || [])} / ids ${JSON.stringify(conv.stop_token_ids || [])}`;
@@ -95,7 +120,7 @@ async function main() {
   try {
     await withRetries("checking the bundle", async () => {
       await checkFile(record.model_lib, "the model library, model_lib");
-      await checkFile(new URL("resolve/main/tensor-cache.json", record.model).href, "the weights index");
+      await checkFile(new URL("tensor-cache.json", weightsUrl(record.model)).href, "the weights index");
     });
   } catch (error) {
     return fail(explain(error));

@@ -10,9 +10,14 @@ normalised; it answers only to its own public address, so a page of another site
 name to this machine (DNS rebinding) gets nothing; it never lists folders nor accepts anything but
 GET and HEAD.
 
+With `--record FILE` instead of a bundle, the page runs a published `model_list` entry (what
+`publish-bundle` wrote): the served app config holds that entry alone, checked by `record`, and the
+browser loads the model from the entry's URLs; no file is served but the page's own.
+
 This module makes and runs the server. Each rule has its module in llm2wasm.image.preview: a
 request is answered by `handler`, which files may be served is decided by `bundlefiles`, the app
-config is checked and rewritten by `appconfig`, the public address and Host headers are `addresses`.
+config is checked and rewritten by `appconfig`, a published entry is checked by `record`, the public
+address and Host headers are `addresses`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from llm2wasm.errors import UsageError
 from llm2wasm.image.preview.addresses import default_public_url, public_address
 from llm2wasm.image.preview.appconfig import check_bundle
 from llm2wasm.image.preview.handler import PreviewHandler
+from llm2wasm.image.preview.record import read_record, record_config
 
 DEFAULT_WEBLLM_DIR = "/opt/llm2wasm/webllm"
 
@@ -45,9 +51,17 @@ def port_in_use(host: str, port: int) -> UsageError:
 
 
 def make_server(
-    bundle: Path, host: str, port: int, webllm: Path | None = None, public_url: str | None = None
+    bundle: Path | None,
+    host: str,
+    port: int,
+    webllm: Path | None = None,
+    public_url: str | None = None,
+    record: Path | None = None,
 ) -> ThreadingHTTPServer:
-    config = check_bundle(bundle)
+    """The server of a bundle, or (bundle None) of the published entry in the file `record`."""
+    if (bundle is None) == (record is None):
+        raise UsageError("preview serves a bundle (OUT) or a published entry (--record FILE): give one of them")
+    config = check_bundle(bundle) if bundle is not None else record_config(read_record(record))
     if public_url is not None:
         public_address(public_url)  # a bad --public-url stops before the port is taken
     try:
@@ -63,7 +77,7 @@ def make_server(
         "BundleHandler",
         (PreviewHandler,),
         {
-            "bundle": bundle.resolve(),
+            "bundle": bundle.resolve() if bundle is not None else None,
             "config": config,
             "webllm": webllm or webllm_dir(),
             "public_url": url,
@@ -75,12 +89,14 @@ def make_server(
 
 
 def run_preview(args: argparse.Namespace) -> int:
-    bundle = Path(args.bundle)
-    server = make_server(bundle, args.host, args.port, public_url=args.public_url)
+    bundle = Path(args.bundle) if args.bundle else None
+    record = Path(args.record) if args.record else None
+    server = make_server(bundle, args.host, args.port, public_url=args.public_url, record=record)
     if not (webllm_dir() / "lib" / "index.js").is_file():
         print(f"llm2wasm: warning: WebLLM not found in {webllm_dir()}: the page cannot load", file=sys.stderr)
     shown = server.RequestHandlerClass.public_url
-    print(f"llm2wasm preview: {bundle} on {shown} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    what = bundle if bundle is not None else f"the published entry {record}"
+    print(f"llm2wasm preview: {what} on {shown} (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -91,10 +107,15 @@ def run_preview(args: argparse.Namespace) -> int:
 
 
 def serve_in_thread(
-    bundle: Path, host: str = "127.0.0.1", port: int = 0, webllm: Path | None = None, public_url: str | None = None
+    bundle: Path | None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    webllm: Path | None = None,
+    public_url: str | None = None,
+    record: Path | None = None,
 ):
     """For tests: a running server and its thread."""
-    server = make_server(bundle, host, port, webllm, public_url)
+    server = make_server(bundle, host, port, webllm, public_url, record)
     # a short poll: shutdown() waits for it, once per test
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -102,7 +123,13 @@ def serve_in_thread(
 
 
 def add_preview_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("bundle", metavar="OUT", help="a bundle made by `llm2wasm convert`")
+    parser.add_argument("bundle", metavar="OUT", nargs="?", help="a bundle made by `llm2wasm convert`")
+    parser.add_argument(
+        "--record",
+        metavar="FILE",
+        help="instead of OUT: a published model_list entry (webllm-model-record.json of `publish-bundle`); "
+        "the page loads the model from its URLs",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     parser.add_argument(
