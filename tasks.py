@@ -184,6 +184,8 @@ def verify(
         "fails on it instead (docs/CONVERT.md)",
         "device": "where the merge and weight conversion run: auto (default: the GPU when passed), cpu, cuda",
         "link_opt": "emcc's -O level at the library's link: O2 (default, about twice as fast) or O3 (TVM's own)",
+        "peft_merge": "merge the adapter with peft's merge_and_unload (the whole model in memory) instead of "
+        "tensor by tensor; what the streaming merge does not cover falls back to it by itself (docs/CONVERT.md)",
         "lib_cache": "the library cache shared by conversions, so fine-tunes of one base compile once "
         "(default: $LLM2WASM_LIB_CACHE, else ~/.cache/llm2wasm/libraries; docs/CONVERT.md)",
         "no_lib_cache": "compile the library even when the cache holds one of the same shape, settings and "
@@ -212,6 +214,7 @@ def convert(
     device=None,
     link_opt=None,
     allow_pickle=False,
+    peft_merge=False,
     lib_cache=None,
     no_lib_cache=False,
 ):
@@ -245,6 +248,7 @@ def convert(
             link_opt=link_opt,
             force=force,
             no_wgsl_repair=not wgsl_repair,
+            peft_merge=peft_merge,
         ),
         gpu=False if cpu else None,
         library_cache=library_cache_for(lib_cache, no_lib_cache),

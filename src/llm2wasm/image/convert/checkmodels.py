@@ -175,8 +175,9 @@ def make_browser_check_adapter(
 ) -> dict:
     """A LoRA on every linear layer of the browser-check model at `model_dir` whose merge changes
     the greedy tokens, and stays decisive; the reference is transformers' greedy continuation of
-    the model merged by llm2wasm's own merge (what `convert --adapter` hands mlc_llm), with the
-    weights a bundle of `quantization` holds. Seeds are tried from `first_seed` (another start gives
+    the model merged by peft (llm2wasm's `--peft-merge`: merge_and_unload on the whole model), with the
+    weights a bundle of `quantization` holds, so that a bundle `convert --adapter` merged tensor by tensor
+    is compared with peft's merge. Seeds are tried from `first_seed` (another start gives
     another fine-tune of the same base)."""
     import shutil
 
@@ -189,7 +190,7 @@ def make_browser_check_adapter(
         make_lora_adapter(model_dir, adapter_dir, seed=seed, target_modules="all-linear", scale=20.0)
         with tempfile.TemporaryDirectory(prefix="llm2wasm-merged-") as tmp:
             merged = Path(tmp) / "merged"
-            merge_adapter(model_dir, adapter_dir, merged, Path(tmp) / "merge.log")
+            merge_adapter(model_dir, adapter_dir, merged, Path(tmp) / "merge.log", method="peft")
             reference = greedy_reference(merged, BROWSER_CHECK_PROMPT, steps, quantization)
         chosen = reference["reference_ids"]
         decisive = reference["min_margin"] >= min_margin and 2 not in chosen and len(set(chosen)) >= 3

@@ -24,6 +24,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         help="refuse a --conv-template that renders differently from the model's own chat template",
     )
     parser.add_argument("--adapter", metavar="PEFT_DIR", help="PEFT adapter to merge into the model first")
+    parser.add_argument(
+        "--peft-merge",
+        action="store_true",
+        help="merge --adapter with transformers + peft, the whole model in memory, instead of the streaming "
+        "merge (tensor by tensor, the default); what the streaming merge does not cover falls back to peft by itself",
+    )
     parser.add_argument("--model-id", help="model_id in the WebLLM app config (default: OUT's name)")
     parser.add_argument("--prefill-chunk-size", type=int, help="prefill chunk size (1024 avoids WebGPU buffer limits)")
     parser.add_argument("--context-window", type=int, help="context window size")

@@ -88,7 +88,8 @@ class Converter(ConversionSteps):
         r = self.request
         model_fingerprint = fingerprint(r.model_files, say)
         if r.adapter is not None:
-            merge_key = key_of(model_fingerprint, fingerprint(r.adapter_files, say), self.toolchain.of("merge"))
+            adapter_fingerprint = fingerprint(r.adapter_files, say)
+            merge_key = key_of(model_fingerprint, adapter_fingerprint, r.peft_merge, self.toolchain.of("merge"))
             self.step("merge", merge_key, self.merge)
             source_key = key_of(merge_key, self.prepare_source(self.ws.root / "merge" / "model"))
         else:

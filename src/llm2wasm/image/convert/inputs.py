@@ -60,6 +60,8 @@ class ConvertRequest:
     strict_template: bool = False
     # look the library up in (and add it to) the shared library cache, where $LLM2WASM_LIB_CACHE names one
     use_lib_cache: bool = True
+    # merge with transformers + peft on the whole model, not tensor by tensor (llm2wasm.image.convert.merge)
+    peft_merge: bool = False
     # the model's default system message, where it differs from the chosen template's
     system_message: str | None = None
     warnings: list[str] = field(default_factory=list)
@@ -386,6 +388,7 @@ def build_request(args, names: MlcNames, previous_bundle) -> ConvertRequest:
         device=getattr(args, "device", "auto"),
         strict_template=getattr(args, "strict_template", False),
         use_lib_cache=not getattr(args, "no_lib_cache", False),
+        peft_merge=getattr(args, "peft_merge", False),
         warnings=warnings,
         model_files=model_files,
         adapter_files=adapter_files,

@@ -61,7 +61,9 @@ class ConversionSteps:
         log = self.ws.logs / "merge.log"
         device = self.device()
         try:
-            merge_adapter(self.request.model_view, self.request.adapter_view, tmp / "model", log, device)
+            method = "peft" if self.request.peft_merge else "auto"
+            what = merge_adapter(self.request.model_view, self.request.adapter_view, tmp / "model", log, device, method)
+            say(f"  {what}")
         except Exception as error:
             with open(log, "a") as handle:
                 traceback.print_exc(file=handle)
