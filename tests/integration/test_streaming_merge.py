@@ -1,6 +1,6 @@
 """The streaming LoRA merge (llm2wasm.image.convert.merge, planned by streammerge) against peft's
-merge_and_unload, in the hermetic app image with its torch, transformers and peft; the source under
-test is mounted over the installed package (PYTHONPATH=/src), so no image build is needed.
+merge_and_unload, in the hermetic app image built from this tree, with its torch, transformers and
+peft (the code that ships, not the tree's source mounted over it).
 
 Tiny models of three families (Llama untied, Llama 3.2 tied, Qwen2), float32 and bfloat16, one file
 and sharded (save_pretrained(max_shard_size="200KB")); LoRA adapters on all linear layers, on q/v
@@ -24,7 +24,7 @@ import json
 
 import pytest
 
-from tests.conftest import ROOT, image_exists, run_app
+from tests.conftest import run_app
 
 # A 166M-parameter Llama shape in bf16 (332 MB in 100 MB shards, random weights written tensor by
 # tensor) and a rank-16 LoRA on all its linear layers, merged in a process of its own each way: the
@@ -225,18 +225,8 @@ print("RESULT " + json.dumps(result))
 
 
 def run_in_image(script: str) -> dict:
-    """`script` run by the hermetic app image's python with the source under test (not the image's
-    own llm2wasm): what it printed after RESULT, as JSON."""
-    if not image_exists("llm2wasm:app-hermetic"):
-        pytest.skip("the hermetic app image is not built (invoke build --profile hermetic)")
-    run = run_app(
-        "-c",
-        script,
-        entrypoint="python",
-        mounts={ROOT / "src": "/src:ro"},
-        env={"PYTHONPATH": "/src", "HOME": "/tmp"},
-        timeout=300,
-    )
+    """`script` run by the hermetic app image's python: what it printed after RESULT, as JSON."""
+    run = run_app("-c", script, entrypoint="python", env={"HOME": "/tmp"}, timeout=300)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-6000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))
@@ -245,7 +235,7 @@ def run_in_image(script: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def merge_results():
+def merge_results(hermetic_chain):
     return run_in_image(SCRIPT)
 
 
@@ -253,7 +243,7 @@ def peak(line: str) -> float:
     return float(line.rsplit("peak memory ", 1)[1].removesuffix(" MiB").replace(",", ""))
 
 
-def test_the_streaming_merge_holds_a_tensor_at_a_time_and_peft_the_model():
+def test_the_streaming_merge_holds_a_tensor_at_a_time_and_peft_the_model(hermetic_chain):
     """Peak memory over what its imports alone take (torch and safetensors for the streaming merge,
     transformers and peft besides for peft's): the streaming merge's stays far below the model's size
     (its largest change is one 2816 x 1024 weight, 11 MiB in float32). peft's is reported, not bounded:
@@ -265,10 +255,6 @@ def test_the_streaming_merge_holds_a_tensor_at_a_time_and_peft_the_model():
     print(f"model {result['model_mib']:.0f} MiB: streaming +{streaming:.0f} MiB, peft +{whole:.0f} MiB over imports")
     assert streaming < result["model_mib"] / 4
     assert peak(result["auto"]) < peak(result["peft"])
-
-
-def test_the_image_runs_the_mounted_source(merge_results):
-    assert merge_results["package"] == "/src/llm2wasm/__init__.py"
 
 
 def test_the_streaming_merge_matches_peft_within_rounding(merge_results):
