@@ -2,8 +2,9 @@
 (q4f16_1, what WebLLM ships, and q0f16) can generate tokens, since headless Chromium offers only
 SwiftShader, which has no `shader-f16`.
 
-`available()` says whether this machine can (None) or why not; `generate()` runs run.mjs on a bundle.
-setup.sh installs what they need on Debian bookworm.
+`available()` says whether this machine can (None) or why not; `generate()` runs run.mjs once over
+several bundles (one Dawn start for all). setup.sh installs what they need on Debian bookworm
+(.ci/setup.sh runs it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import functools
 import json
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -19,7 +21,7 @@ RUN = HERE / "run.mjs"
 PROBE = HERE / "probe.mjs"
 LAVAPIPE_ICD = Path("/usr/share/vulkan/icd.d/lvp_icd.json")
 NODE_PACKAGES = ("webgpu", "@mlc-ai/web-llm")
-SETUP = "run `bash tests/webgpu_node/setup.sh` as root"
+SETUP = "run `bash .ci/setup.sh` (or `bash tests/webgpu_node/setup.sh`) as root"
 
 
 class DawnRunError(RuntimeError):
@@ -60,23 +62,29 @@ def available() -> str | None:
     return f"{reason}\n{tail(result.stderr)}".rstrip()
 
 
-def generate(bundle: Path, prompt: str, max_tokens: int, timeout: float) -> dict:
-    """Greedy tokens from `bundle` (a folder written by llm2wasm convert) by the real WebLLM on Dawn:
-    run.mjs's report (adapter, required_features, timings, result {text, tokenIds, ...}, errors).
-    Raises DawnRunError, with the errors and the end of stderr, when it fails or runs past `timeout`."""
-    command = [node() or "node", str(RUN), str(bundle), "--prompt", prompt, "--max-tokens", str(max_tokens)]
+def generate(bundles: Sequence[Path], prompt: str, max_tokens: int, timeout: float) -> list[dict]:
+    """Greedy tokens from each of `bundles` (folders written by llm2wasm convert) by the real WebLLM on
+    Dawn, all in one run.mjs process: one report per bundle, in order (ok, errors, adapter,
+    required_features, timings, result {text, tokenIds, ...}); a failed bundle's report also has
+    `stderr_tail`, and a failure is that bundle's own, the others still run. Raises DawnRunError,
+    with the end of stderr, when run.mjs gives no report for every bundle or runs past `timeout`."""
+    command = [node() or "node", str(RUN), *map(str, bundles), "--prompt", prompt, "--max-tokens", str(max_tokens)]
     try:
         result = subprocess.run(command, capture_output=True, text=True, cwd=HERE, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
-        raise DawnRunError(f"run.mjs on {bundle} did not finish within {timeout:.0f} s\n{tail(stderr)}") from None
-    report = last_json(result.stdout)
-    if result.returncode != 0 or report is None or not report.get("ok"):
-        errors = "; ".join((report or {}).get("errors") or []) or "no report on stdout"
         raise DawnRunError(
-            f"run.mjs on {bundle} failed (exit {result.returncode}): {errors}\n{tail(result.stderr)}", report
-        )
-    return report
+            f"run.mjs did not finish {len(bundles)} bundle(s) within {timeout:.0f} s\n{tail(stderr)}"
+        ) from None
+    report = last_json(result.stdout)
+    runs = (report or {}).get("runs") or []
+    if len(runs) != len(bundles):
+        errors = "; ".join((report or {}).get("errors") or []) or "no report on stdout"
+        raise DawnRunError(f"run.mjs failed (exit {result.returncode}): {errors}\n{tail(result.stderr)}", report)
+    for run in runs:
+        if not run.get("ok"):
+            run["stderr_tail"] = tail(result.stderr)
+    return runs
 
 
 def last_json(stdout: str) -> dict | None:

@@ -1,14 +1,16 @@
 // Runs the real WebLLM (the pinned @mlc-ai/web-llm) in Node on Dawn's WebGPU (npm `webgpu`), to
-// generate greedy tokens from an llm2wasm bundle on a machine whose browser has no `shader-f16`:
+// generate greedy tokens from llm2wasm bundles on a machine whose browser has no `shader-f16`:
 // headless Chromium offers SwiftShader only, while Dawn on Mesa's lavapipe (Mesa >= 25) has it.
 //
-//   node run.mjs BUNDLE --prompt TEXT --max-tokens N
+//   node run.mjs BUNDLE... --prompt TEXT --max-tokens N
 //
-// The bundle folder is served over HTTP on 127.0.0.1 (a free port), its app config's base URL is
-// replaced by that server's (as the preview server does), and the completion runs exactly as the
-// preview page's `state.complete` (src/llm2wasm/image/preview/preview.js), so both give the same
-// JSON. One JSON object goes to stdout at the end; the exit status is 0 only when generation worked
-// on an adapter that has every feature the bundle requires.
+// Every bundle runs in this one process, one after the other (Dawn and WebLLM start once for the
+// whole matrix). Each bundle folder is served over HTTP on 127.0.0.1 under a path of its own, its
+// app config's base URL is replaced by that path's (as the preview server does), and the completion
+// runs exactly as the preview page's `state.complete` (src/llm2wasm/image/preview/preview.js), so
+// both give the same JSON. One JSON object goes to stdout at the end, {ok, runs: [one report per
+// bundle, in order], errors}; the exit status is 0 only when every bundle generated on an adapter
+// that has every feature it requires.
 import fs from "node:fs";
 import http from "node:http";
 import { createRequire } from "node:module";
@@ -18,16 +20,7 @@ import { parseArgs } from "node:util";
 
 import { describeAdapter, prepareEnvironment } from "./environment.mjs";
 
-const report = {
-  ok: false,
-  bundle: null,
-  model_id: null,
-  required_features: [],
-  adapter: null,
-  timings: {},
-  result: null,
-  errors: [],
-};
+const report = { ok: false, runs: [], errors: [] };
 
 function finish(code) {
   // Dawn keeps threads alive after the work is done: Node would not exit by itself.
@@ -39,9 +32,11 @@ function failWith(message) {
   finish(1);
 }
 
-// The bundle over HTTP: GET/HEAD of regular files inside it, none hidden (.llm2wasm), no symlinks.
-function serveBundle(root) {
-  const realRoot = fs.realpathSync(root);
+// The bundles over HTTP, bundle i under /i/: GET/HEAD of regular files inside it, none hidden
+// (.llm2wasm), no symlinks. A path per bundle (not a server each) so that no two bundles ever share
+// a URL, which WebLLM's caches key on.
+function serveBundles(roots) {
+  const realRoots = roots.map((root) => fs.realpathSync(root));
   const server = http.createServer((request, response) => {
     const send = (status, body = "", type = "text/plain") => {
       response.writeHead(status, { "Content-Type": type, "Content-Length": Buffer.byteLength(body) });
@@ -54,8 +49,9 @@ function serveBundle(root) {
     } catch {
       return send(400, "bad path");
     }
-    const parts = relative.split("/").filter((part) => part !== "");
-    if (parts.length === 0 || parts.some((part) => part.startsWith(".") || part.includes("\\"))) {
+    const [index, ...parts] = relative.split("/").filter((part) => part !== "");
+    const realRoot = /^\d+$/.test(index ?? "") ? realRoots[Number(index)] : undefined;
+    if (realRoot === undefined || parts.length === 0 || parts.some((part) => part.startsWith(".") || part.includes("\\"))) {
       return send(404, "not found");
     }
     const file = path.join(realRoot, ...parts);
@@ -103,7 +99,8 @@ function servedConfig(config, servedBase) {
 // A minimal in-memory Cache API. WebLLM fetches the config, the model library and every weight
 // shard through `caches.open(scope)` (its default cacheBackend "cache"; the others are IndexedDB,
 // OPFS and the cross-origin storage extension, none of which Node has). Only what WebLLM calls:
-// match, add, keys, delete. In memory, so each run loads the bundle afresh (never a stale copy).
+// match, add, keys, delete. In memory and installed afresh for each bundle, so each run loads its
+// bundle from the server (never a stale copy) and the previous bundle's weights are let go.
 class MemoryCache {
   constructor() {
     this.entries = new Map();
@@ -167,9 +164,19 @@ function installEmscriptenNodeGlobals() {
   globalThis.location = new URL(webllmIndex);
 }
 
+// Web Crypto, a browser global that Node has as one from Node 19 only: Debian bookworm's Node 18
+// keeps it in node:crypto. WebLLM names each request with crypto.randomUUID().
+async function installWebCrypto() {
+  if (globalThis.crypto === undefined) {
+    const { webcrypto } = await import("node:crypto");
+    Object.defineProperty(globalThis, "crypto", { value: webcrypto, configurable: true, writable: true });
+  }
+}
+
 // navigator.gpu from Dawn. WebLLM picks the adapter (requestAdapter) and asks for the device
-// itself, with shader-f16 whenever the adapter has it; the wrapper only records what it was given,
-// so the report can say which adapter ran and whether shader-f16 was requested and granted.
+// itself, with shader-f16 whenever the adapter has it; the wrapper only records what it was given
+// (in `seen`, which the caller empties before each bundle), so each bundle's report can say which
+// adapter ran and whether shader-f16 was requested and granted.
 function installGpu(create, globals, seen) {
   // GPUBufferUsage, GPUMapMode, GPUShaderStage...: WebLLM's runtime uses these browser globals.
   Object.assign(globalThis, globals);
@@ -185,9 +192,11 @@ function installGpu(create, globals, seen) {
           const device = await requestDevice(descriptor);
           seen.device = device;
           // WebLLM only logs these; a WebGPU error makes the tokens suspect, so the run fails on one
-          // (as the browser check fails on a WebGPU error in the console).
+          // (as the browser check fails on a WebGPU error in the console). Into this bundle's list:
+          // a late error of an earlier bundle's device is not charged to the next one.
+          const errors = seen.gpuErrors;
           device.addEventListener("uncapturederror", (event) => {
-            seen.gpuErrors.push(String(event.error?.message ?? event.error ?? event));
+            errors.push(String(event.error?.message ?? event.error ?? event));
           });
           return device;
         };
@@ -252,6 +261,94 @@ async function complete(engine, modelId, { prompt, maxTokens = 16, temperature =
   };
 }
 
+// One bundle, start to finish: its report (run.ok true only when it generated cleanly).
+async function runBundle(webllm, bundle, servedBase, seen, { prompt, maxTokens }) {
+  const run = {
+    ok: false,
+    bundle,
+    model_id: null,
+    required_features: [],
+    adapter: null,
+    timings: {},
+    result: null,
+    errors: [],
+  };
+  const fail = (message) => {
+    run.errors.push(message);
+    return run;
+  };
+  let config;
+  try {
+    config = JSON.parse(fs.readFileSync(path.join(bundle, "app-config.json"), "utf8"));
+  } catch (error) {
+    return fail(`${bundle}/app-config.json could not be read: ${error.message}`);
+  }
+  const record = config.model_list?.[0];
+  if (!record) return fail(`${bundle}/app-config.json names no model`);
+  run.model_id = record.model_id;
+  run.required_features = record.required_features ?? [];
+  let appConfig;
+  try {
+    appConfig = servedConfig(config, servedBase);
+  } catch (error) {
+    return fail(`${bundle}/app-config.json: ${error.message}`);
+  }
+  installCaches();
+  Object.assign(seen, { adapter: null, requested: null, device: null, gpuErrors: [] });
+
+  // The adapter WebLLM will get (it asks with powerPreference "high-performance"): checked before the
+  // load, so a missing feature is said in words rather than as a shader compilation error.
+  const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+  if (!adapter) {
+    return fail(
+      "Dawn gave no WebGPU adapter: Mesa's lavapipe (mesa-vulkan-drivers) is missing, or older than Mesa 25, " +
+        "which Dawn refuses (see setup.sh)",
+    );
+  }
+  run.adapter = adapterReport(adapter, seen);
+  for (const feature of run.required_features) {
+    if (!adapter.features.has(feature)) {
+      return fail(
+        `the bundle requires WebGPU feature "${feature}", which adapter "${run.adapter.description}" lacks ` +
+          "(lavapipe has shader-f16 from Mesa 25: mesa-vulkan-drivers from bookworm-backports; see setup.sh)",
+      );
+    }
+  }
+  if (run.required_features.includes("shader-f16") && !run.adapter.is_lavapipe) {
+    return fail(`the f16 check must run on Mesa's lavapipe, but Dawn gave "${run.adapter.description}"`);
+  }
+
+  let engine;
+  const loadStarted = performance.now();
+  try {
+    engine = await webllm.CreateMLCEngine(record.model_id, { appConfig, logLevel: "WARN" });
+  } catch (error) {
+    return fail(`loading failed: ${error?.stack ?? error}`);
+  }
+  try {
+    run.timings.load_seconds = (performance.now() - loadStarted) / 1000;
+    // WebLLM asked for its own adapter and device: report those (they are the ones that ran).
+    run.adapter = adapterReport(seen.adapter, seen);
+    if (run.required_features.includes("shader-f16") && !run.adapter.shader_f16_granted) {
+      return fail("WebLLM's device was not given shader-f16, which the bundle requires");
+    }
+    try {
+      const generateStarted = performance.now();
+      run.result = await complete(engine, record.model_id, { prompt, maxTokens, temperature: 0 });
+      run.timings.generate_seconds = (performance.now() - generateStarted) / 1000;
+    } catch (error) {
+      return fail(`generation failed: ${error?.stack ?? error}`);
+    }
+    if (seen.gpuErrors.length > 0) return fail(`WebGPU errors during the run: ${seen.gpuErrors.join(" | ")}`);
+    if (!run.result.tokenIds) return fail("the token ids could not be read from WebLLM's pipeline");
+    run.ok = true;
+    return run;
+  } finally {
+    // its device and buffers go before the next bundle's
+    await engine.unload().catch((error) => run.errors.push(`unloading failed: ${error?.stack ?? error}`));
+  }
+}
+
 async function main() {
   // WebLLM and Dawn log progress with console.log/info: to stderr, so stdout is the one JSON object.
   console.log = console.error;
@@ -263,85 +360,39 @@ async function main() {
       "max-tokens": { type: "string", default: "16" },
     },
   });
-  if (positionals.length !== 1 || values.prompt === undefined) {
-    return failWith("usage: node run.mjs BUNDLE --prompt TEXT [--max-tokens N]");
+  if (positionals.length === 0 || values.prompt === undefined) {
+    return failWith("usage: node run.mjs BUNDLE... --prompt TEXT [--max-tokens N]");
   }
   const maxTokens = Number(values["max-tokens"]);
   if (!Number.isInteger(maxTokens) || maxTokens < 1) return failWith(`--max-tokens must be a positive integer`);
-  const bundle = path.resolve(positionals[0]);
-  report.bundle = bundle;
-
-  let config;
-  try {
-    config = JSON.parse(fs.readFileSync(path.join(bundle, "app-config.json"), "utf8"));
-  } catch (error) {
-    return failWith(`${bundle}/app-config.json could not be read: ${error.message}`);
+  const bundles = positionals.map((bundle) => path.resolve(bundle));
+  for (const bundle of bundles) {
+    if (!fs.existsSync(bundle)) return failWith(`no bundle folder ${bundle}`);
   }
-  const record = config.model_list?.[0];
-  if (!record) return failWith(`${bundle}/app-config.json names no model`);
-  report.model_id = record.model_id;
-  report.required_features = record.required_features ?? [];
 
   prepareEnvironment();
   const { create, globals } = await import("webgpu");
   const webllm = await import("@mlc-ai/web-llm");
-
-  const server = await serveBundle(bundle);
-  const servedBase = `http://127.0.0.1:${server.address().port}/`;
-  const appConfig = servedConfig(config, servedBase);
+  const server = await serveBundles(bundles);
+  const port = server.address().port;
   installEmscriptenNodeGlobals();
-  installCaches();
-  const seen = { gpuErrors: [] };
+  await installWebCrypto();
+  const seen = {};
   installGpu(create, globals, seen);
 
-  // The adapter WebLLM will get (it asks with powerPreference "high-performance"): checked before the
-  // load, so a missing feature is said in words rather than as a shader compilation error.
-  const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
-  if (!adapter) {
-    return failWith(
-      "Dawn gave no WebGPU adapter: Mesa's lavapipe (mesa-vulkan-drivers) is missing, or older than Mesa 25, " +
-        "which Dawn refuses (see setup.sh)",
-    );
+  for (const [index, bundle] of bundles.entries()) {
+    const started = performance.now();
+    console.error(`run.mjs: [${index + 1}/${bundles.length}] ${bundle}`);
+    const run = await runBundle(webllm, bundle, `http://127.0.0.1:${port}/${index}/`, seen, {
+      prompt: values.prompt,
+      maxTokens,
+    });
+    run.timings.total_seconds = (performance.now() - started) / 1000;
+    report.runs.push(run);
   }
-  report.adapter = adapterReport(adapter, seen);
-  for (const feature of report.required_features) {
-    if (!adapter.features.has(feature)) {
-      return failWith(
-        `the bundle requires WebGPU feature "${feature}", which adapter "${report.adapter.description}" lacks ` +
-          "(lavapipe has shader-f16 from Mesa 25: mesa-vulkan-drivers from bookworm-backports; see setup.sh)",
-      );
-    }
-  }
-  if (report.required_features.includes("shader-f16") && !report.adapter.is_lavapipe) {
-    return failWith(`the f16 check must run on Mesa's lavapipe, but Dawn gave "${report.adapter.description}"`);
-  }
-
-  let engine;
-  const loadStarted = performance.now();
-  try {
-    engine = await webllm.CreateMLCEngine(record.model_id, { appConfig, logLevel: "WARN" });
-  } catch (error) {
-    return failWith(`loading failed: ${error?.stack ?? error}`);
-  }
-  report.timings.load_seconds = (performance.now() - loadStarted) / 1000;
-  // WebLLM asked for its own adapter and device: report those (they are the ones that ran).
-  report.adapter = adapterReport(seen.adapter, seen);
-  if (report.required_features.includes("shader-f16") && !report.adapter.shader_f16_granted) {
-    return failWith("WebLLM's device was not given shader-f16, which the bundle requires");
-  }
-
-  try {
-    const generateStarted = performance.now();
-    report.result = await complete(engine, record.model_id, { prompt: values.prompt, maxTokens, temperature: 0 });
-    report.timings.generate_seconds = (performance.now() - generateStarted) / 1000;
-  } catch (error) {
-    return failWith(`generation failed: ${error?.stack ?? error}`);
-  }
-  if (seen.gpuErrors.length > 0) return failWith(`WebGPU errors during the run: ${seen.gpuErrors.join(" | ")}`);
-  if (!report.result.tokenIds) return failWith("the token ids could not be read from WebLLM's pipeline");
-  report.ok = true;
   server.close();
-  finish(0);
+  report.ok = report.runs.every((run) => run.ok);
+  finish(report.ok ? 0 : 1);
 }
 
 main().catch((error) => failWith(`unexpected: ${error?.stack ?? error}`));

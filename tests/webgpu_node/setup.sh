@@ -5,9 +5,10 @@
 #   - the Vulkan loader (libvulkan1), which dawn.node loads;
 #   - Node and npm, when missing (Debian's: run.mjs needs Node 18.19 or newer);
 #   - `npm ci` in this folder (the pinned webgpu and @mlc-ai/web-llm, checked against package-lock.json).
-# Idempotent: each step runs only when its result is missing; apt steps need root. Says what it did.
-# A probe at the end names the adapter; if it fails the tests skip with its reason (exit 0 all the same,
-# so a machine without the backports archive still sets up the rest).
+# Idempotent: each step runs only when its result is missing (a second run takes about a second: the
+# probe); apt steps need root. Says what it did. .ci/setup.sh runs it.
+# A probe at the end names the adapter; if it fails, so do the f16 tests, with its reason (this exits 0
+# all the same, so that the rest of a machine's setup goes on).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -33,6 +34,17 @@ apt_update() {
   fi
 }
 
+# The Debian mirror this machine already uses (as .ci/install-docker.sh finds it), for the backports line.
+debian_mirror() {
+  local mirror
+  mirror=$(grep -hs -E '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' | grep -v -e security -e '^$' | head -n1 || true)
+  if [[ -z "$mirror" ]]; then
+    mirror=$(grep -hs -E '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list | grep -v security |
+      sed -E 's/^deb (\[[^]]*\] )?//' | awk '{print $1}' | head -n1 || true)
+  fi
+  echo "${mirror:-http://deb.debian.org/debian}"
+}
+
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 major=$(mesa_major)
 vulkan=$(dpkg-query -W -f='${Status}' libvulkan1 2>/dev/null || true)
@@ -40,9 +52,13 @@ if [[ -z "$major" || "$major" -lt 25 || "$vulkan" != *"ok installed"* ]]; then
   need_root "installing Mesa 25's lavapipe"
   target=()
   if [[ "$codename" == bookworm ]]; then
-    # apt reads *.list and *.sources only
-    if ! grep -qs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; then
-      echo "deb http://deb.debian.org/debian bookworm-backports main" >/etc/apt/sources.list.d/bookworm-backports.list
+    # apt reads *.list and *.sources only; a commented-out line does not count
+    if ! grep -qs -E '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+      /etc/apt/sources.list.d/*.sources; then
+      keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+      signed=""
+      [[ -f $keyring ]] && signed="[signed-by=$keyring] "
+      echo "deb ${signed}$(debian_mirror) bookworm-backports main" >/etc/apt/sources.list.d/bookworm-backports.list
       say "added bookworm-backports to /etc/apt/sources.list.d/bookworm-backports.list"
     fi
     target=(-t bookworm-backports)
@@ -50,6 +66,9 @@ if [[ -z "$major" || "$major" -lt 25 || "$vulkan" != *"ok installed"* ]]; then
   apt_update
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${target[@]}" mesa-vulkan-drivers libvulkan1 >/dev/null
   say "installed mesa-vulkan-drivers $(dpkg-query -W -f='${Version}' mesa-vulkan-drivers) and libvulkan1"
+  if [[ $(mesa_major) -lt 25 ]]; then
+    say "mesa-vulkan-drivers $(dpkg-query -W -f='${Version}' mesa-vulkan-drivers) is older than 25: Dawn will refuse it"
+  fi
 fi
 
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
@@ -69,5 +88,5 @@ fi
 if probe=$(node probe.mjs 2>/dev/null); then
   say "ready: $(node -e 'const r = JSON.parse(process.argv[1]); console.log(`${r.adapter.description}, shader-f16`)' "$probe")"
 else
-  say "warning: the Dawn probe failed, the f16 tests will skip: $probe"
+  say "warning: the Dawn probe failed, the f16 tests will fail: $probe"
 fi
