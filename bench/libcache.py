@@ -24,8 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
+from bench import INVOKE, ROOT, record  # bench/bench.py, beside this script
 
 # Llama-3.2-1B's published config (sizes only; the weights are random)
 SHAPES = {
@@ -116,16 +115,12 @@ def main() -> int:
         "| run | wall s | compile step s | library |",
         "| --- | --- | --- | --- |",
     ]
-    for name, (seconds, record) in runs.items():
-        compile_seconds = record.get("seconds", float("nan"))
-        reused = "reused" if record.get("library_cache", {}).get("hit") else "compiled"
+    for name, (seconds, compiled) in runs.items():
+        compile_seconds = compiled.get("seconds", float("nan"))
+        reused = "reused" if compiled.get("library_cache", {}).get("hit") else "compiled"
         lines.append(f"| {name} | {seconds:.1f} | {compile_seconds:.1f} | {reused} |")
     lines += ["", f"Second fine-tune with the cache / without: **{with_cache / without:.2f}x** the wall time."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(ROOT / "bench" / "results.md", "a") as handle:
-        handle.write("\n" + text)
-    return 0
+    return record(lines)
 
 
 if __name__ == "__main__":
