@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import chromium_path, run_preview_page, start_preview
+from tests.browser import chromium_path, run_in_one_browser
 from tests.conftest import INVOKE, ROOT, run_app
 from tests.standins.hub import CLIENT_UNSET, client_environment
 from tests.standins.hub.server import StandinHub
@@ -124,13 +124,8 @@ def test_webllm_given_only_the_published_entries_generates_each_revisions_tokens
         base = f"{hub.url}/{repo}/resolve/main/"  # WebLLM's own library naming: <model>-<quant>_cs<chunk>
         assert records[row]["model"] == base
         assert records[row]["model_lib"] == f"{base}{folder.removesuffix('-MLC')}_cs64-webgpu.wasm"
-    previews = [start_preview(None, record=results[row]["record"]) for row in ROWS]
     before = len(hub.requests)
-    try:
-        run = run_preview_page(previews[0][0], references["v1"]["prompt"], STEPS, extra_urls=(previews[1][0],))
-    finally:
-        for _, name in previews:
-            subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    run = run_in_one_browser(references["v1"]["prompt"], STEPS, records=[results[row]["record"] for row in ROWS])
     assert not run.preview_errors and not run.page_errors, (run.preview_errors, run.page_errors)
     assert not run.webgpu_errors, "\n".join(run.webgpu_errors[:5])
     assert not run.foreign_requests, run.foreign_requests

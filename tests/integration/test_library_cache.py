@@ -12,12 +12,11 @@ the cache's size and empties it.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.browser import chromium_path, run_preview_page, start_preview
+from tests.browser import chromium_path, run_in_one_browser
 from tests.conftest import invoke, run_app
 
 STEPS = 8
@@ -81,12 +80,7 @@ def test_both_fine_tunes_generate_their_own_tokens_in_one_browser(fine_tunes):
     if chromium_path() is None:
         pytest.fail("Debian's chromium is not installed: run `bash .ci/setup.sh` as root")
     work, references, _ = fine_tunes
-    previews = [start_preview(work / "out" / tune) for tune in TUNES]
-    try:
-        run = run_preview_page(previews[0][0], references["tune-a"]["prompt"], STEPS, extra_urls=(previews[1][0],))
-    finally:
-        for _, name in previews:
-            subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    run = run_in_one_browser(references["tune-a"]["prompt"], STEPS, bundles=[work / "out" / tune for tune in TUNES])
     assert not run.preview_errors and not run.page_errors, (run.preview_errors, run.page_errors)
     assert not run.webgpu_errors, "\n".join(run.webgpu_errors[:5])
     assert [result["tokenIds"] for result in run.results] == [references[t]["reference_ids"] for t in TUNES]
