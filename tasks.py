@@ -168,8 +168,10 @@ def verify(
         "model_dir": "Hugging Face model folder on this host (mounted read-only), or a Hub model id "
         "org/name[@revision], fetched on this host into the Hugging Face cache with your HF_TOKEN or `hf auth "
         "login` (the container never gets the token); a local path that exists wins over a Hub id (docs/HUB.md)",
-        "quantization": "mlc_llm quantization for WebGPU: q4f16_1 (usual), q4f32_1, q3f16_1, q0f16, q0f32",
-        "output": "output folder on this host; files are owned by you",
+        "quantization": "mlc_llm quantization for WebGPU: q4f16_1 (usual), q4f32_1, q3f16_1, q0f16, q0f32; or "
+        "several, comma-separated (one fetch; a bundle each, OUT/<model>-<quantization>-MLC)",
+        "output": "output folder on this host (the bundle; with several quantizations, the folder of the bundles); "
+        "files are owned by you",
         "adapter": "PEFT adapter folder to merge first (mounted read-only; a local folder, not a Hub id)",
         "conv_template": "mlc_llm conversation template (default: the one that renders like the model's chat template)",
         "model_id": "model_id in the WebLLM app config (default: the output folder's name)",
@@ -219,26 +221,22 @@ def convert(
     no_lib_cache=False,
 ):
     """Convert a model (a folder or a Hub id, and optional PEFT adapter) into a WebLLM bundle, in the built image."""
-    from llm2wasm.host.hubconvert import check_adapter_source, record_source, resolve_model_source
+    from llm2wasm.host.convertcommand import ConvertCommand, convert_command
+    from llm2wasm.host.hubconvert import check_adapter_source
     from llm2wasm.host.layers import FINAL_LAYER, get_layer
     from llm2wasm.host.librarycache import library_cache_for
-    from llm2wasm.host.run import ConvertJob, convert_options, run_convert_job
 
     if not quantization or not output:
         raise UsageError(
             "convert needs --quantization (-q) and --output (-o): invoke convert MODEL_DIR -q q4f16_1 -o OUT"
         )
-    adapter_dir = check_adapter_source(adapter)
-    source = resolve_model_source(model_dir, allow_pickle=allow_pickle)  # a Hub id: fetched here, on the host
-    job = ConvertJob(
-        image=image or get_layer(FINAL_LAYER).tag(profile),
-        model_dir=source.model_dir,
-        model_files=source.model_files,
-        shown_model=source.shown_model,
-        output=Path(output),
+    command = ConvertCommand(
+        model=model_dir,
         quantization=quantization,
-        adapter=adapter_dir,
-        options=convert_options(
+        output=Path(output),
+        image=image or get_layer(FINAL_LAYER).tag(profile),
+        adapter=check_adapter_source(adapter),
+        options=dict(
             conv_template=conv_template,
             model_id=model_id,
             prefill_chunk_size=prefill_chunk_size,
@@ -252,11 +250,11 @@ def convert(
         ),
         gpu=False if cpu else None,
         library_cache=library_cache_for(lib_cache, no_lib_cache),
+        allow_pickle=allow_pickle,
     )
-    status = run_convert_job(job)
+    status = convert_command(command)
     if status:
         raise Exit(code=status)
-    record_source(Path(output), source, adapter_merged=adapter_dir is not None)  # source.json, for publish-bundle
 
 
 @task(

@@ -1,6 +1,7 @@
 """`invoke convert org/name[@revision]`: the model fetched on the host from the (stand-in) Hub through
 the real `huggingface_hub` client, mounted file by file, its provenance written into the bundle; a
-local path that exists wins; what the user can fix exits 2 with the fix. Docker is never reached:
+local path that exists wins; what the user can fix exits 2 with the fix; several quantizations are
+one fetch and a bundle each, named as WebLLM names its prebuilt models. Docker is never reached:
 the task's conversion (llm2wasm.host.run.run_convert_job) is replaced by a recorder."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from invoke import Context, Exit
 from llm2wasm.errors import UsageError
 from llm2wasm.host import hubconvert, hubfetch
 from llm2wasm.host import run as run_module
+from llm2wasm.host.convertcommand import outputs_for, quantizations_of
 from tests.standins.hub import point_client_at
 from tests.standins.hub.server import StandinHub
 from tests.unit.test_hubfetch import SHARDS, sharded_model
@@ -197,3 +199,77 @@ def test_an_adapter_that_is_a_folder_or_a_plain_path_is_left_to_the_conversion_c
     assert hubconvert.check_adapter_source("./org/lora") == Path("./org/lora")
     with pytest.raises(UsageError, match=r"hf download org/lora --local-dir ./adapter"):
         hubconvert.check_adapter_source("org/lora")
+
+
+# -- several quantizations: one fetch, a bundle each (llm2wasm.host.convertcommand) ------------
+
+
+def test_one_or_several_quantizations_each_once_in_order():
+    assert quantizations_of("q4f16_1") == ["q4f16_1"]
+    assert quantizations_of(" q4f16_1, q4f32_1,q4f16_1") == ["q4f16_1", "q4f32_1"]
+
+
+@pytest.mark.parametrize("text", ["q4f16_1,", "q4f16_1,,q0f32", "q4f16_1;q4f32_1", "int4"])
+def test_a_list_that_is_not_quantization_names_is_a_usage_error(text):
+    with pytest.raises(UsageError, match=r"e\.g\."):
+        quantizations_of(text)
+
+
+def test_one_quantization_writes_out_several_write_webllm_named_bundles_inside(tmp_path):
+    assert outputs_for(tmp_path, ["q4f16_1"], "Qwen") == {"q4f16_1": tmp_path}
+    assert outputs_for(tmp_path, ["q4f16_1", "q4f32_1"], "Qwen2.5-0.5B-Instruct") == {
+        "q4f16_1": tmp_path / "Qwen2.5-0.5B-Instruct-q4f16_1-MLC",
+        "q4f32_1": tmp_path / "Qwen2.5-0.5B-Instruct-q4f32_1-MLC",
+    }
+
+
+def test_a_hub_model_is_fetched_once_and_converted_per_quantization(hub, tmp_path, conversions, monkeypatch):
+    commit = hub.seed_repo("org/Tiny-Chat", sharded_model())
+    fetches = []
+    fetch = hubfetch.fetch_model
+
+    def counted(*args, **kwargs):
+        fetches.append(args)
+        return fetch(*args, **kwargs)
+
+    monkeypatch.setattr(hubfetch, "fetch_model", counted)
+    tasks.convert(Context(), "org/Tiny-Chat", quantization="q4f16_1,q4f32_1", output=str(tmp_path / "dist"))
+    assert len(fetches) == 1
+    assert [(job.quantization, job.output) for job in conversions] == [
+        ("q4f16_1", tmp_path / "dist" / "Tiny-Chat-q4f16_1-MLC"),
+        ("q4f32_1", tmp_path / "dist" / "Tiny-Chat-q4f32_1-MLC"),
+    ]
+    assert conversions[0].model_files == conversions[1].model_files  # the same fetched files
+    for job in conversions:
+        assert json.loads((job.output / "source.json").read_text())["commit"] == commit
+
+
+def test_a_local_folder_names_the_bundles_after_itself(tmp_path, conversions):
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    tasks.convert(Context(), str(model), quantization="q0f32,q4f32_1", output=str(tmp_path / "out"))
+    assert [job.output.name for job in conversions] == ["my-model-q0f32-MLC", "my-model-q4f32_1-MLC"]
+
+
+def test_the_first_failure_stops_the_rest_and_is_the_exit_status(tmp_path, monkeypatch, capsys):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    started = []
+
+    def fail(job):
+        started.append(job.quantization)
+        return 2
+
+    monkeypatch.setattr(run_module, "run_convert_job", fail)
+    with pytest.raises(Exit) as stopped:
+        tasks.convert(Context(), str(model), quantization="q4f16_1,q4f32_1", output=str(tmp_path / "out"))
+    assert stopped.value.code == 2 and started == ["q4f16_1"]
+    assert "not converted: q4f32_1" in capsys.readouterr().err
+
+
+def test_a_model_id_with_several_quantizations_is_refused_before_anything_runs(tmp_path, conversions):
+    with pytest.raises(Exit) as refused:
+        tasks.convert(Context(), str(tmp_path), quantization="q4f16_1,q4f32_1", output="out", model_id="mine")
+    assert refused.value.code == 2 and "drop --model-id" in str(refused.value) and conversions == []
