@@ -172,7 +172,8 @@ def verify(
         "several, comma-separated (one fetch; a bundle each, OUT/<model>-<quantization>-MLC)",
         "output": "output folder on this host (the bundle; with several quantizations, the folder of the bundles); "
         "files are owned by you",
-        "adapter": "PEFT adapter folder to merge first (mounted read-only; a local folder, not a Hub id)",
+        "adapter": "PEFT adapter to merge first: a folder (mounted read-only) or a Hub id org/name[@revision], "
+        "fetched on this host like the model",
         "conv_template": "mlc_llm conversation template (default: the one that renders like the model's chat template)",
         "model_id": "model_id in the WebLLM app config (default: the output folder's name)",
         "prefill_chunk_size": "prefill chunk size; 1024 avoids WebGPU buffer-size errors",
@@ -222,7 +223,6 @@ def convert(
 ):
     """Convert a model (a folder or a Hub id, and optional PEFT adapter) into a WebLLM bundle, in the built image."""
     from llm2wasm.host.convertcommand import ConvertCommand, convert_command
-    from llm2wasm.host.hubconvert import check_adapter_source
     from llm2wasm.host.layers import FINAL_LAYER, get_layer
     from llm2wasm.host.librarycache import library_cache_for
 
@@ -235,7 +235,7 @@ def convert(
         quantization=quantization,
         output=Path(output),
         image=image or get_layer(FINAL_LAYER).tag(profile),
-        adapter=check_adapter_source(adapter),
+        adapter=adapter,
         options=dict(
             conv_template=conv_template,
             model_id=model_id,

@@ -134,7 +134,7 @@ def test_a_merged_adapter_is_recorded_with_the_source(hub, tmp_path, conversions
         ("org/lora", {}, r"is a PEFT adapter, not a model.*--adapter"),
         ("my-model", {}, r"model folder my-model does not exist.*org/name\[@revision\]"),
         ("./models/llama", {}, r"does not exist: give a model folder"),
-        ("org/model", {"adapter": "org/lora@v2"}, r"adapters are taken from local folders.*--revision v2"),
+        ("org/model", {"adapter": "org/lora@v2"}, r"no revision 'v2' in org/lora"),
         ("org/model", {"quantization": None}, r"convert needs --quantization"),
     ],
 )
@@ -194,11 +194,41 @@ def test_the_record_names_the_hub_and_not_this_machine(hub, tmp_path):
 
 
 def test_an_adapter_that_is_a_folder_or_a_plain_path_is_left_to_the_conversion_checks(tmp_path):
-    assert hubconvert.check_adapter_source(None) is None
-    assert hubconvert.check_adapter_source("lora") == Path("lora")
-    assert hubconvert.check_adapter_source("./org/lora") == Path("./org/lora")
-    with pytest.raises(UsageError, match=r"hf download org/lora --local-dir ./adapter"):
-        hubconvert.check_adapter_source("org/lora")
+    assert hubconvert.resolve_adapter_source(None) is None
+    assert hubconvert.resolve_adapter_source("lora").model_dir == Path("lora")
+    assert hubconvert.resolve_adapter_source("./org/lora").model_dir == Path("./org/lora")
+
+
+ADAPTER_REPO = {
+    "adapter_config.json": json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}),
+    "adapter_model.safetensors": b"\5" * 64,
+    "README.md": "a fine-tune",
+    "train.py": "import os",  # never fetched: a repository's code
+}
+
+
+def test_a_hub_adapter_is_fetched_and_mounted_file_by_file_and_cited(hub, tmp_path, conversions):
+    model_commit = hub.seed_repo("org/model", sharded_model())
+    adapter_commit = hub.seed_repo("someone/lora", ADAPTER_REPO)
+    out = tmp_path / "out"
+    tasks.convert(Context(), "org/model", quantization="q4f16_1", output=str(out), adapter="someone/lora")
+    (job,) = conversions
+    assert sorted(job.adapter_files) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert job.shown_adapter == f"someone/lora@{adapter_commit}"
+    mounts = run_module.folder_mounts(job.adapter, job.adapter_files, "/input/adapter")
+    assert {target for _, target, _ in mounts} == {"/input/adapter/adapter_config.json",
+                                                   "/input/adapter/adapter_model.safetensors"}  # fmt: skip
+    assert all(not source.is_symlink() and read_only for source, _, read_only in mounts)
+    source = json.loads((out / "source.json").read_text())
+    assert source["commit"] == model_commit and source["adapter_merged"] is True
+    assert (source["adapter"]["repo_id"], source["adapter"]["commit"]) == ("someone/lora", adapter_commit)
+
+
+def test_a_model_given_as_the_adapter_is_refused_naming_the_fix(hub, tmp_path, conversions):
+    hub.seed_repo("org/model", sharded_model())
+    with pytest.raises(Exit) as refused:
+        tasks.convert(Context(), "org/model", quantization="q4f16_1", output=str(tmp_path / "o"), adapter="org/model")
+    assert refused.value.code == 2 and "is a model, not a PEFT adapter" in str(refused.value) and not conversions
 
 
 # -- several quantizations: one fetch, a bundle each (llm2wasm.host.convertcommand) ------------

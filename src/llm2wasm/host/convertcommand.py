@@ -17,7 +17,7 @@ from pathlib import Path
 
 from llm2wasm.errors import UsageError
 from llm2wasm.host import run
-from llm2wasm.host.hubconvert import ModelSource, record_source, resolve_model_source
+from llm2wasm.host.hubconvert import ModelSource, record_source, resolve_adapter_source, resolve_model_source
 from llm2wasm.host.run import ConvertJob, convert_options
 
 QUANTIZATION_NAME = re.compile(r"q\d+f\d+(_\d+)?")
@@ -57,7 +57,7 @@ class ConvertCommand:
     quantization: str
     output: Path
     image: str
-    adapter: Path | None = None
+    adapter: str | None = None  # a folder or a Hub adapter id
     options: dict = field(default_factory=dict)
     gpu: bool | None = None
     library_cache: Path | None = None
@@ -72,6 +72,7 @@ def convert_command(command: ConvertCommand) -> int:
             "--model-id names one bundle; with several quantizations each is named <model>-<quantization>-MLC: "
             "drop --model-id, or convert one quantization at a time"
         )
+    adapter = resolve_adapter_source(command.adapter, allow_pickle=command.allow_pickle)
     source = resolve_model_source(command.model, allow_pickle=command.allow_pickle)  # a Hub id: fetched once
     outputs = outputs_for(command.output, quantizations, model_name(command.model, source))
     job = ConvertJob(
@@ -81,7 +82,9 @@ def convert_command(command: ConvertCommand) -> int:
         shown_model=source.shown_model,
         output=command.output,
         quantization=quantizations[0],
-        adapter=command.adapter,
+        adapter=adapter.model_dir if adapter else None,
+        adapter_files=adapter.model_files if adapter else None,
+        shown_adapter=adapter.shown_model if adapter else None,
         options=convert_options(**command.options),
         gpu=command.gpu,
         library_cache=command.library_cache,
@@ -94,5 +97,5 @@ def convert_command(command: ConvertCommand) -> int:
             if number < len(outputs):
                 print(f"llm2wasm: stopped; not converted: {', '.join(list(outputs)[number:])}", file=sys.stderr)
             return status
-        record_source(output, source, adapter_merged=command.adapter is not None)  # source.json, for publish-bundle
+        record_source(output, source, adapter_merged=adapter is not None, adapter=adapter)  # for publish-bundle
     return 0

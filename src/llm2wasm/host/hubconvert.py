@@ -8,8 +8,7 @@ The fetched files are mounted one by one (llm2wasm.host.run.ConvertJob.model_fil
 conversion has succeeded, where the model came from is written into the bundle as source.json, for
 `invoke publish-bundle` to cite as the base model.
 
-Adapters stay local folders: a Hub snapshot holds links into the cache's blobs/, which the converter
-refuses in a folder, and only the model can be mounted file by file.
+An adapter (`--adapter org/lora[@revision]`) is fetched and mounted file by file the same way.
 """
 
 from __future__ import annotations
@@ -72,27 +71,39 @@ def resolve_model_source(
     )
 
 
-def check_adapter_source(text: str | None) -> Path | None:
-    """The adapter folder; a Hub id in its place is refused with the command that fetches it."""
+def resolve_adapter_source(text: str | None, *, allow_pickle: bool = False) -> ModelSource | None:
+    """The adapter `--adapter` names: an existing local folder (or anything that reads as a path: the
+    conversion's own check refuses what is not one); else a Hub adapter id, fetched as a model is (its
+    config and weights only), mounted file by file too. A model repository in its place is refused."""
     if text is None:
         return None
     path = Path(text).expanduser()
     if path.exists() or "/" not in text or text.startswith(("/", "./", "../", "~")):
-        return path  # a folder, or a path the conversion's own check refuses with its message
-    try:
-        ref = hubfetch.parse_hub_ref(text)
-    except UsageError:
-        return path
-    raise UsageError(
-        f"adapter {text} does not exist here, and adapters are taken from local folders only: fetch it with "
-        f"`hf download {ref.repo_id}{f' --revision {ref.revision}' if ref.revision else ''} --local-dir ./adapter`, "
-        "then pass --adapter ./adapter"
+        return ModelSource(path)
+    ref = hubfetch.as_hub_ref(text)
+    if ref is None:
+        return ModelSource(path)
+    fetched = hubfetch.fetch_model(ref, allow_pickle=allow_pickle)
+    if hubfetch.ADAPTER_CONFIG not in fetched.files:
+        raise UsageError(
+            f"{ref} is a model, not a PEFT adapter (it has no adapter_config.json): pass it as the model, or give "
+            "the adapter's own repository to --adapter"
+        )
+    print(f"llm2wasm: adapter {ref} is commit {fetched.commit}, in the cache {fetched.folder}", file=sys.stderr)
+    return ModelSource(
+        model_dir=fetched.folder,
+        model_files=fetched.file_paths,
+        shown_model=f"{fetched.repo_id}@{fetched.commit}",
+        provenance=hubfetch.provenance(fetched),
     )
 
 
-def record_source(output: Path, source: ModelSource, *, adapter_merged: bool = False) -> Path | None:
+def record_source(
+    output: Path, source: ModelSource, *, adapter_merged: bool = False, adapter: ModelSource | None = None
+) -> Path | None:
     """After a successful conversion: the Hub model's provenance into OUT/source.json (with whether an
-    adapter was merged, so that the card does not call the bundle a plain quantization of it). For a
+    adapter was merged, so that the card does not call the bundle a plain quantization of it, and the
+    adapter's own provenance when it came from the Hub too). For a
     local folder, a source.json left by an earlier Hub conversion into OUT is removed: it would
     name a base model this bundle was not made from."""
     if source.provenance is None:
@@ -104,4 +115,6 @@ def record_source(output: Path, source: ModelSource, *, adapter_merged: bool = F
     record = dict(source.provenance)
     if adapter_merged:
         record["adapter_merged"] = True
+    if adapter is not None and adapter.provenance is not None:
+        record["adapter"] = adapter.provenance
     return hubfetch.write_provenance(Path(output), record)

@@ -62,20 +62,27 @@ class ConvertJob:
     # folder); so each file is mounted on its own, as a regular file of /input/model.
     model_files: dict[str, Path] | None = None
     shown_model: str | None = None  # how messages name the model (default: model_dir)
+    adapter_files: dict[str, Path] | None = None  # a Hub adapter's files, mounted one by one as the model's
+    shown_adapter: str | None = None  # how messages name the adapter (default: its folder)
     # the host folder of the shared library cache (llm2wasm.host.librarycache), or None: always compile
     library_cache: Path | None = None
 
 
+def folder_mounts(folder: Path, files: dict[str, Path] | None, target: str) -> list[tuple[Path, str, bool]]:
+    """A folder, read-only at `target`; or its files one by one (a Hub snapshot)."""
+    if files is None:
+        return [(folder.resolve(), target, True)]
+    mounts = []
+    for name, path in sorted(files.items()):
+        if "/" in name or name in ("", ".", ".."):
+            raise UsageError(f"file name {name!r} of {folder} is not a plain file name")
+        mounts.append((path.resolve(strict=True), f"{target}/{name}", True))
+    return mounts
+
+
 def model_mounts(job: ConvertJob) -> list[tuple[Path, str, bool]]:
     """The model folder, read-only at /input/model; or its files one by one (a Hub snapshot)."""
-    if job.model_files is None:
-        return [(job.model_dir.resolve(), "/input/model", True)]
-    mounts = []
-    for name, path in sorted(job.model_files.items()):
-        if "/" in name or name in ("", ".", ".."):
-            raise UsageError(f"model file name {name!r} is not a plain file name")
-        mounts.append((path.resolve(strict=True), f"/input/model/{name}", True))
-    return mounts
+    return folder_mounts(job.model_dir, job.model_files, "/input/model")
 
 
 def convert_options(**options: object) -> list[str]:
@@ -181,8 +188,8 @@ def docker_command(job: ConvertJob, name: str | None = None) -> tuple[list[str],
     mounts = [*model_mounts(job), (output, container_output, False)]
     shown = {container_output: str(output), "/input/model": job.shown_model or str(model_dir)}
     if job.adapter is not None:
-        mounts.append((job.adapter.resolve(), "/input/adapter", True))
-        shown["/input/adapter"] = str(job.adapter.resolve())
+        mounts += folder_mounts(job.adapter, job.adapter_files, "/input/adapter")
+        shown["/input/adapter"] = job.shown_adapter or str(job.adapter.resolve())
     gpu = docker_has_gpu_runtime() if job.gpu is None else job.gpu
     where = "on the GPU (NVIDIA runtime found)" if gpu else "on the CPU: Docker has no NVIDIA runtime"
     cmd = conversion_container(mounts, shown, gpu, job.user, job.library_cache)
