@@ -37,6 +37,16 @@ class ModelSource:
         return self.provenance is not None
 
 
+def fetched_source(fetched: hubfetch.FetchedModel) -> ModelSource:
+    """A fetched Hub snapshot as a conversion takes it: its files one by one, named by commit."""
+    return ModelSource(
+        model_dir=fetched.folder,
+        model_files=fetched.file_paths,
+        shown_model=f"{fetched.repo_id}@{fetched.commit}",
+        provenance=hubfetch.provenance(fetched),
+    )
+
+
 def resolve_model_source(
     text: str,
     *,
@@ -63,12 +73,7 @@ def resolve_model_source(
             f"folder with --adapter (hf download {ref.repo_id} --local-dir ./adapter)"
         )
     print(f"llm2wasm: {ref} is commit {fetched.commit}, in the cache {fetched.folder}", file=sys.stderr)
-    return ModelSource(
-        model_dir=fetched.folder,
-        model_files=fetched.file_paths,
-        shown_model=f"{fetched.repo_id}@{fetched.commit}",
-        provenance=hubfetch.provenance(fetched),
-    )
+    return fetched_source(fetched)
 
 
 def resolve_adapter_source(text: str | None, *, allow_pickle: bool = False) -> ModelSource | None:
@@ -90,12 +95,7 @@ def resolve_adapter_source(text: str | None, *, allow_pickle: bool = False) -> M
             "the adapter's own repository to --adapter"
         )
     print(f"llm2wasm: adapter {ref} is commit {fetched.commit}, in the cache {fetched.folder}", file=sys.stderr)
-    return ModelSource(
-        model_dir=fetched.folder,
-        model_files=fetched.file_paths,
-        shown_model=f"{fetched.repo_id}@{fetched.commit}",
-        provenance=hubfetch.provenance(fetched),
-    )
+    return fetched_source(fetched)
 
 
 def record_source(
