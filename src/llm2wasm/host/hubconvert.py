@@ -8,7 +8,10 @@ The fetched files are mounted one by one (llm2wasm.host.run.ConvertJob.model_fil
 conversion has succeeded, where the model came from is written into the bundle as source.json, for
 `invoke publish-bundle` to cite as the base model.
 
-An adapter (`--adapter org/lora[@revision]`) is fetched and mounted file by file the same way.
+An adapter (`--adapter org/lora[@revision]`) is fetched and mounted file by file the same way. A
+batch's Hub items (`hub =`, `adapter_hub =`) are fetched by `fetch_model_source` and
+`fetch_adapter_source` too (llm2wasm.host.batchrun): the spec's key says they are Hub ids, so no
+local path of the same spelling is looked for.
 """
 
 from __future__ import annotations
@@ -66,6 +69,18 @@ def resolve_model_source(
     ref = hubfetch.as_hub_ref(text)
     if ref is None:
         return ModelSource(Path(text).expanduser())
+    return fetch_model_source(ref, allow_pickle=allow_pickle, token=token, endpoint=endpoint, cache_dir=cache_dir)
+
+
+def fetch_model_source(
+    ref: hubfetch.HubRef,
+    *,
+    allow_pickle: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+    cache_dir: Path | None = None,
+) -> ModelSource:
+    """A Hub model, fetched (nothing again that the cache holds); a PEFT adapter in its place is refused."""
     fetched = hubfetch.fetch_model(ref, cache_dir=cache_dir, token=token, endpoint=endpoint, allow_pickle=allow_pickle)
     if hubfetch.ADAPTER_CONFIG in fetched.files:
         raise UsageError(
@@ -88,6 +103,11 @@ def resolve_adapter_source(text: str | None, *, allow_pickle: bool = False) -> M
     ref = hubfetch.as_hub_ref(text)
     if ref is None:
         return ModelSource(path)
+    return fetch_adapter_source(ref, allow_pickle=allow_pickle)
+
+
+def fetch_adapter_source(ref: hubfetch.HubRef, *, allow_pickle: bool = False) -> ModelSource:
+    """A Hub adapter, fetched as a model is (its config and weights only); a model in its place is refused."""
     fetched = hubfetch.fetch_model(ref, allow_pickle=allow_pickle)
     if hubfetch.ADAPTER_CONFIG not in fetched.files:
         raise UsageError(

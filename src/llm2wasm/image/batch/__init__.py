@@ -1,7 +1,7 @@
 """Many conversions from one spec (``models.toml``), on whatever runs them.
 
-A spec lists models (a folder, optionally a PEFT adapter) with their quantizations and settings,
-shared defaults, and the base URL the bundles will be served from. It is validated as a whole
+A spec lists models (a folder or a Hub id, optionally a PEFT adapter) with their quantizations and
+settings, shared defaults, and the base URL the bundles will be served from. It is validated as a whole
 (every problem listed, exit 2) and expanded into **items**: one model in one quantization each,
 numbered from 0 in spec order. One item is the unit every engine runs, with one idempotent command:
 

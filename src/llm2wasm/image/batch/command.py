@@ -40,6 +40,12 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     run = spec_parser("run", "convert one item (the unit every engine runs)")
     run.add_argument("--item", type=int, help=f"item number (default: ${INDEX_VARIABLE})")
     run.add_argument("--output", "-o", required=True, metavar="OUT", help="bundles go to OUT/<model_id>/")
+    run.add_argument(
+        "--fetched-model",
+        metavar="DIR",
+        help="a Hub item's model, fetched before this container started (it has no network; `invoke batch` mounts it)",
+    )
+    run.add_argument("--fetched-adapter", metavar="DIR", help="a Hub item's adapter (adapter_hub), fetched likewise")
     run.set_defaults(run=_run_item)
     collect_step = spec_parser("collect", "one app config of every bundle that succeeded, and a report")
     collect_step.add_argument(
@@ -64,15 +70,16 @@ def _spec(args, *, check_paths: bool = True) -> BatchSpec:
 def _run_check(args) -> int:
     spec = _spec(args)
     for item in spec.items:
-        adapter = f" + {item.adapter}" if item.adapter else ""
-        print(f"{item.index}\t{item.model_id}\t{item.path}{adapter}\t{item.quantization}")
+        adapter = f" + {item.adapter_named}" if item.adapter_named else ""
+        print(f"{item.index}\t{item.model_id}\t{item.model}{adapter}\t{item.quantization}")
     print(f"{spec.path}: {len(spec.items)} item(s), served from {spec.base_url}<model_id>/", file=sys.stderr)
     return 0
 
 
 def _run_item(args) -> int:
     spec = _spec(args)
-    return run_item(spec, item_index(args.item), Path(args.output))
+    fetched = [Path(folder) if folder else None for folder in (args.fetched_model, args.fetched_adapter)]
+    return run_item(spec, item_index(args.item), Path(args.output), *fetched)
 
 
 def _run_collect(args) -> int:

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING
 
 from llm2wasm.errors import UsageError
-
-if TYPE_CHECKING:
-    from llm2wasm.image.batch.spec import BatchSpec
+from llm2wasm.image.batch.spec import BatchSpec, refuse_hub_models
 
 # the image's conversion user (images/runtime-env: USER 10001:10001)
 RUN_AS = 10001
@@ -63,7 +60,10 @@ def kubernetes_manifests(
     Indexed Job whose pod N runs item N.
 
     The models, adapters and outputs live on the PersistentVolumeClaim ``claim``, mounted at /data:
-    the spec's paths are relative to /data, bundles go to /data/out/<model_id>/."""
+    the spec's paths are relative to /data, bundles go to /data/out/<model_id>/. Hub items are refused:
+    the pods have no network by design and nothing runs before them that could fetch; the models
+    are put on the claim first."""
+    refuse_hub_models(spec, "a Kubernetes Job (its pods read the claim)")
     if parallelism < 1:
         raise UsageError(f"--parallelism {parallelism}: run at least one item at a time")
     container = {

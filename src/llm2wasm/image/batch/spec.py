@@ -1,9 +1,16 @@
 """A batch spec (``models.toml``), parsed and checked as a whole, expanded into items.
 
-A spec lists models (a folder, optionally a PEFT adapter) with their quantizations and settings,
-shared defaults, and the base URL the bundles will be served from. Every problem is listed at once
-(exit 2). Each **item** is one model in one quantization, numbered from 0 in spec order: the unit
-every engine runs (llm2wasm.image.batch.command). Runs in the image (standard library only).
+A spec lists models (a folder or a Hub model id, optionally a PEFT adapter, a folder or a Hub id too)
+with their quantizations and settings, shared defaults, and the base URL the bundles will be served
+from. Every problem is listed at once (exit 2). Each **item** is one model in one quantization,
+numbered from 0 in spec order: the unit every engine runs (llm2wasm.image.batch.command). Runs in the
+image (standard library only).
+
+A Hub model (``hub = "org/name[@revision]"``) is only named here: an item's container has no network,
+so whoever starts it fetches the model first and hands the container the fetched folder
+(``batch run --fetched-model``); `invoke batch` does (llm2wasm.host.batchrun). Engines with no such
+step before their containers (the GitHub workflow, the Kubernetes Job) refuse Hub items
+(``refuse_hub_models``), with the command that fetches each into the folder they read.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ from llm2wasm.image.convert.inputs import LINK_OPT_LEVELS
 
 MODEL_KEYS = {
     "path",
+    "hub",
     "adapter",
+    "adapter_hub",
     "quantizations",
     "conv_template",
     "context_window",
@@ -28,9 +37,17 @@ MODEL_KEYS = {
     "model_id",
     "resources",
 }
-DEFAULT_KEYS = MODEL_KEYS - {"path", "adapter", "model_id"}
+DEFAULT_KEYS = MODEL_KEYS - {"path", "hub", "adapter", "adapter_hub", "model_id"}
 TOP_KEYS = {"base_url", "defaults", "model"}
-HUB_KEY = "hub"  # `invoke convert` takes a Hub id; a batch does not (yet)
+# A Hub id as `invoke convert` takes it, org/name[@revision], checked here with the standard library
+# as the Hub checks repository names (llm2wasm.host.hubfetch.parse_hub_ref checks it again with the
+# client's own rules before fetching); a revision is a branch, a tag, a commit or a ref like refs/pr/1.
+HUB_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+HUB_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}")
+HUB_EXAMPLES = {
+    "hub": 'hub = "Qwen/Qwen2.5-0.5B-Instruct" or hub = "Qwen/Qwen2.5-0.5B-Instruct@main"',
+    "adapter_hub": 'adapter_hub = "org/support-lora" or adapter_hub = "org/support-lora@v1"',
+}
 RESOURCE_KEYS = {"cpu", "memory", "gpu"}
 # mlc_llm's quantization names: q<weight bits>f<float bits>[_<variant>] (q4f16_1, q0f32, q4f16_ft ...)
 QUANTIZATION = re.compile(r"q\d+f\d+(_\w+)?")
@@ -43,7 +60,7 @@ INDEX_VARIABLE = "JOB_COMPLETION_INDEX"
 class Item:
     index: int
     entry: int  # which [[model]] of the spec
-    path: str  # as written in the spec, relative to the spec's folder
+    path: str | None  # as written in the spec, relative to the spec's folder; None for a Hub model
     quantization: str
     model_id: str
     adapter: str | None = None
@@ -52,13 +69,38 @@ class Item:
     prefill_chunk_size: int | None = None
     link_opt: str | None = None  # None: llm2wasm convert's default
     resources: dict[str, str] = field(default_factory=dict)
+    hub: str | None = None  # a Hub model, org/name[@revision], in place of path
+    adapter_hub: str | None = None  # a Hub adapter, in place of adapter
 
-    def convert_argv(self, root: Path, output: Path, base_url: str) -> list[str]:
-        """The `llm2wasm convert` arguments for this item, its bundle in OUT/<model_id>/."""
-        argv = [str(root / self.path), "--quantization", self.quantization]
+    @property
+    def model(self) -> str:
+        """The model as the spec names it: its folder or its Hub id."""
+        return self.hub or str(self.path)
+
+    @property
+    def adapter_named(self) -> str | None:
+        return self.adapter_hub or self.adapter
+
+    def convert_argv(
+        self,
+        root: Path,
+        output: Path,
+        base_url: str,
+        fetched_model: Path | None = None,
+        fetched_adapter: Path | None = None,
+    ) -> list[str]:
+        """The `llm2wasm convert` arguments for this item, its bundle in OUT/<model_id>/. A Hub model
+        or adapter is read from the folder it was fetched into before the container started."""
+        for role, hub, fetched in (("model", self.hub, fetched_model), ("adapter", self.adapter_hub, fetched_adapter)):
+            if fetched is not None and hub is None:
+                raise UsageError(f"item {self.index}'s {role} is not a Hub {role}: it takes no fetched folder")
+        model = self._fetched("model", self.hub, fetched_model) if self.hub else root / str(self.path)
+        argv = [str(model), "--quantization", self.quantization]
         argv += ["--output", str(output / self.model_id), "--model-id", self.model_id]
         argv += ["--base-url", f"{base_url}{self.model_id}/"]
-        if self.adapter:
+        if self.adapter_hub:
+            argv += ["--adapter", str(self._fetched("adapter", self.adapter_hub, fetched_adapter))]
+        elif self.adapter:
             argv += ["--adapter", str(root / self.adapter)]
         if self.conv_template:
             argv += ["--conv-template", self.conv_template]
@@ -69,6 +111,18 @@ class Item:
         if self.link_opt:
             argv += ["--link-opt", self.link_opt]
         return argv
+
+    def _fetched(self, role: str, hub: str, folder: Path | None) -> Path:
+        given, option = (self.path, "--fetched-model") if role == "model" else (self.adapter, "--fetched-adapter")
+        if folder is None:
+            raise UsageError(
+                f"item {self.index} names the Hub {role} {hub}, and an item's container has no network: run the spec "
+                f"with `invoke batch`, which fetches it on the host and mounts it ({option}), or fetch it into the "
+                f"spec's folder: {fetch_hint(hub, 'path' if role == 'model' else 'adapter')}"
+            )
+        if given is not None:  # unreachable for a spec parse_spec accepted; said rather than ignored
+            raise UsageError(f"item {self.index} names both a folder and a Hub {role}")
+        return folder
 
 
 @dataclass(frozen=True)
@@ -85,6 +139,48 @@ class BatchSpec:
                 "(`llm2wasm batch check` lists them)"
             )
         return self.items[index]
+
+
+def fetch_hint(hub: str, key: str = "path") -> str:
+    """The command that fetches a Hub model (key "path") or adapter (key "adapter") into a folder
+    below the spec's, and the key that then names that folder."""
+    repo, _, revision = hub.partition("@")
+    folder = f"{'models' if key == 'path' else 'adapters'}/{repo.rsplit('/', 1)[-1] or 'NAME'}"
+    pinned = f" --revision {revision}" if revision else ""
+    return f'hf download {repo}{pinned} --local-dir {folder}, then {key} = "{folder}"'
+
+
+def refuse_hub_models(spec: BatchSpec, engine: str) -> None:
+    """For an engine whose items start with nothing before them that could fetch (a GitHub Actions
+    job, a Kubernetes pod: no network by design, no token): a UsageError listing each Hub model
+    and adapter of the spec with the command that fetches it into the folder `engine` reads."""
+    fixes: dict[tuple[int, str], str] = {}
+    for item in spec.items:
+        for key, hub in (("path", item.hub), ("adapter", item.adapter_hub)):
+            if hub:
+                fixes.setdefault((item.entry, key), f"model {item.entry}: {fetch_hint(hub, key)}")
+    if fixes:
+        listed = "\n".join(f"  - {fix}" for fix in fixes.values())
+        raise UsageError(
+            f"{spec.path}: {engine} has no step that fetches from the Hub (its containers run without network "
+            "and get no token), so it takes no hub = or adapter_hub = items. Fetch each there first and name its "
+            f"folder, or run the spec with `invoke batch`, which fetches on the host (docs/BATCH.md):\n{listed}"
+        )
+
+
+def hub_id_problem(value: object) -> str | None:
+    """Why `value` is not org/name[@revision], or None when it is."""
+    if not isinstance(value, str):
+        return "is not a string"
+    repo, at, revision = value.partition("@")
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(HUB_NAME.fullmatch(part) for part in parts):
+        return "is not org/name[@revision] (letters, digits, '.', '_' or '-' on either side of one '/')"
+    if "--" in repo or ".." in repo or repo.endswith(".git"):
+        return "has '--', '..' or a '.git' ending, which the Hub refuses in a repository name"
+    if at and (not HUB_REVISION.fullmatch(revision) or ".." in revision or revision.endswith(("/", ".lock"))):
+        return f"has no revision the Hub can have after '@' ({revision!r}): give a branch, a tag or a commit id"
+    return None
 
 
 def _nearest(key: str, known: set[str]) -> str:
@@ -169,26 +265,28 @@ def parse_spec(text: str, path: Path, root: Path | None = None, *, check_paths: 
         if not isinstance(entry, dict):
             problems.append(f"{where}: must be a [[model]] table")
             continue
-        where = f"model {number} ({entry.get('path', 'no path')})"
+        where = f"model {number} ({entry.get('path') or entry.get('hub') or 'no path'})"
         for key in entry:
-            if key == HUB_KEY:
-                # the items run in containers without network: a Hub model has to be fetched on the host first
-                repo, _, revision = str(entry[key]).partition("@")
-                name = repo.rsplit("/", 1)[-1] or "NAME"
-                pinned = f" --revision {revision}" if revision else ""
-                problems.append(
-                    f"{where}: a batch takes local model folders only, not hub = {entry[key]!r}: fetch it first "
-                    f'(hf download {repo}{pinned} --local-dir models/{name}) and give path = "models/{name}" '
-                    "(docs/HUB.md)"
-                )
-            elif key not in MODEL_KEYS:
+            if key not in MODEL_KEYS:
                 problems.append(f"{where}: unknown key {key!r}{_nearest(key, MODEL_KEYS)}")
         _check_settings(where, entry, problems)
         settings = {**defaults, **entry}
-        model_path = entry.get("path")
-        if HUB_KEY in entry and model_path is None:
+        model_path, hub = entry.get("path"), entry.get("hub")
+        for folder_key, hub_key in (("path", "hub"), ("adapter", "adapter_hub")):
+            if folder_key in entry and hub_key in entry:
+                problems.append(f"{where}: give {folder_key} (a folder) or {hub_key} (a Hub id), not both")
+        if model_path is None and hub is None:
+            problems.append(
+                f'{where}: path is missing: the model folder, e.g. path = "models/Qwen2.5-0.5B-Instruct", '
+                f"or a Hub model, {HUB_EXAMPLES['hub']}"
+            )
+            continue
+        for key in ("hub", "adapter_hub"):
+            if key in entry and (why := hub_id_problem(entry[key])):
+                problems.append(f"{where}: {key} {entry[key]!r} {why}; write e.g. {HUB_EXAMPLES[key]}")
+        if model_path is None and hub_id_problem(hub):
             continue  # said above
-        if not isinstance(model_path, str) or not model_path:
+        if model_path is not None and (not isinstance(model_path, str) or not model_path):
             problems.append(f'{where}: path is missing: the model folder, e.g. path = "models/Qwen2.5-0.5B-Instruct"')
             continue
         for key in ("path", "adapter"):
@@ -202,7 +300,9 @@ def parse_spec(text: str, path: Path, root: Path | None = None, *, check_paths: 
                 problems.append(f"{where}: {key} {value!r} is a symlink out of the spec's folder: copy the folder in")
             elif check_paths and not (root / value).is_dir():
                 problems.append(f"{where}: {key} {value!r} is not a folder under {root}")
-        name = entry.get("model_id", Path(model_path).name)
+        # the bundle's name: the folder's, or the Hub repository's (as `invoke convert org/name` names it)
+        default_name = Path(model_path).name if model_path is not None else hub.partition("@")[0].rsplit("/", 1)[-1]
+        name = entry.get("model_id", default_name)
         if not isinstance(name, str) or not MODEL_ID.fullmatch(name):
             problems.append(f"{where}: model_id {name!r} must be letters, digits, '.', '_' or '-' (it names files)")
             continue
@@ -223,6 +323,8 @@ def parse_spec(text: str, path: Path, root: Path | None = None, *, check_paths: 
                     quantization=quantization,
                     model_id=f"{name}-{quantization}",
                     adapter=entry.get("adapter"),
+                    hub=hub,
+                    adapter_hub=entry.get("adapter_hub"),
                     conv_template=settings.get("conv_template"),
                     context_window=settings.get("context_window"),
                     prefill_chunk_size=settings.get("prefill_chunk_size"),

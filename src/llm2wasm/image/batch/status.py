@@ -35,6 +35,7 @@ RUN_ID_VARIABLE = "LLM2WASM_BATCH_RUN_ID"
 FINISHED = {"ok", "failed"}
 # what an item's settings are, for the digest: not where it sits in the spec, nor what it asks of a scheduler
 _NOT_SETTINGS = {"index", "entry", "resources"}
+_HUB_FIELDS = ("hub", "adapter_hub")
 
 
 def status_path(output: Path, index: int) -> Path:
@@ -45,6 +46,9 @@ def settings_digest(spec: BatchSpec, item: Item) -> str:
     """What the item's bundle is made from, as written in the spec (paths relative to it, so the host
     and a container that mounts the spec elsewhere agree), and the URL it is served from."""
     settings = {key: value for key, value in asdict(item).items() if key not in _NOT_SETTINGS}
+    for key in _HUB_FIELDS:  # a folder item's digest stays what it was before Hub items existed
+        if settings.get(key) is None:
+            settings.pop(key, None)
     settings["base_url"] = spec.base_url
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -98,16 +102,26 @@ def read_status(output: Path, index: int) -> dict | None:
     return record if isinstance(record, dict) else {}
 
 
-def run_item(spec: BatchSpec, index: int, output: Path) -> int:
-    """Convert one item with `llm2wasm convert`; its outcome goes to OUT/.batch/item-N.json."""
+def run_item(
+    spec: BatchSpec,
+    index: int,
+    output: Path,
+    fetched_model: Path | None = None,
+    fetched_adapter: Path | None = None,
+) -> int:
+    """Convert one item with `llm2wasm convert`; its outcome goes to OUT/.batch/item-N.json. A Hub
+    item's model (adapter) is read from `fetched_model` (`fetched_adapter`): whoever started this
+    container fetched it, since the container has no network."""
     from llm2wasm.image.convert.command import convert_main
 
     item = spec.item(index)
+    # before anything is marked: a Hub item without its fetched folder is refused, not recorded as a failure
+    argv = item.convert_argv(spec.root, output, spec.base_url, fetched_model, fetched_adapter)
     print(f"llm2wasm batch: item {index} of {len(spec.items)}: {item.model_id}", file=sys.stderr, flush=True)
     running = mark_running(output, spec, item, os.environ.get(RUN_ID_VARIABLE))
     started = time.monotonic()
     try:
-        code = convert_main(item.convert_argv(spec.root, output, spec.base_url))
+        code = convert_main(argv)
     except BaseException as error:  # an argparse exit or a crash: recorded, not left as an interruption
         mark_finished(output, running, "failed", 1, time.monotonic() - started, f"{type(error).__name__}: {error}")
         raise
@@ -178,8 +192,8 @@ def collect(spec: BatchSpec, output: Path) -> tuple[list[Outcome], dict]:
             {
                 "item": outcome.item.index,
                 "model_id": outcome.item.model_id,
-                "model": outcome.item.path,
-                "adapter": outcome.item.adapter,
+                "model": outcome.item.model,
+                "adapter": outcome.item.adapter_named,
                 "quantization": outcome.item.quantization,
                 "status": outcome.status,
                 "reason": outcome.reason,
