@@ -140,12 +140,21 @@ def build(
         "full": "run every parent's checks on every image, even where the layer changed nothing they look at",
         "repository": "image repository of the tags (default llm2wasm)",
         "selftest": "then run the build's last gate too: a real conversion in the app image (about a minute)",
+        "keep": "with --selftest: keep what it made (tiny model, adapter, bundle, step logs) in KEEP/run",
     },
     iterable=["set_"],
 )
 @friendly
 def verify(
-    c, profile="stable", layer=None, set_=None, own_only=False, full=False, repository="llm2wasm", selftest=False
+    c,
+    profile="stable",
+    layer=None,
+    set_=None,
+    own_only=False,
+    full=False,
+    repository="llm2wasm",
+    selftest=False,
+    keep=None,
 ):
     """Run the testinfra checks on built images, on demand."""
     from llm2wasm.host.pins import resolve_profile
@@ -158,6 +167,7 @@ def verify(
         own_only=own_only,
         full=full,
         selftest=selftest,
+        keep=Path(keep) if keep else None,
     )
     if failed:
         raise Exit(f"checks failed for: {', '.join(failed)}", code=1)

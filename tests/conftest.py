@@ -104,6 +104,27 @@ def hermetic_chain(hermetic_mirror):
     return output
 
 
+@dataclass(frozen=True)
+class SelftestRun:
+    """`invoke verify --selftest --keep`, once per session: its result, the selftest's output and
+    what it made (keep/run: tiny-llama, tiny-lora, the bundle)."""
+
+    result: subprocess.CompletedProcess
+    log: str
+    run: Path
+
+
+@pytest.fixture(scope="session")
+def selftest_on_demand(hermetic_chain, tmp_path_factory) -> SelftestRun:
+    """The build's last gate run again on demand, keeping what it made: the verify test checks the
+    task, and the conversion tests (tests/integration/test_convert.py) start from its tiny model,
+    adapter and bundle, so a session pays for one selftest beside the build's own."""
+    keep = tmp_path_factory.mktemp("selftest")
+    result = invoke("verify", "--profile", HERMETIC, "--layer", "app", "--own-only", "--selftest", "--keep", str(keep))
+    log = ROOT / ".llm2wasm" / "logs" / HERMETIC / "verify-selftest.log"
+    return SelftestRun(result, log.read_text() if log.is_file() else "", keep / "run")
+
+
 def hermetic_build_args(mirror) -> list[str]:
     return ["--profile", HERMETIC, "--quiet", "--set", f"mlc_llm_requirement={mirror.mlc_llm_requirement()}"]
 

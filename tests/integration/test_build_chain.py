@@ -4,6 +4,7 @@ branches side by side), and stopped at the first layer whose checks fail."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -73,15 +74,18 @@ def test_invoke_verify_on_demand(hermetic_chain):
     assert "emsdk" in result.stdout and "PASS" in result.stdout
 
 
-def test_invoke_verify_runs_the_selftest_on_demand(hermetic_chain):
+def test_invoke_verify_runs_the_selftest_on_demand(selftest_on_demand):
     """The build's last gate, a real conversion, on the tagged app image (for an image pulled or
-    built earlier)."""
-    result = invoke("verify", "--profile", HERMETIC, "--layer", "app", "--own-only", "--selftest")
+    built earlier); --keep leaves what it made, owned by the user."""
+    result = selftest_on_demand.result
     assert result.returncode == 0, result.stdout + result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith("selftest"))
     assert "PASS  a real conversion in llm2wasm:app-hermetic" in line, result.stdout
-    log = ROOT / ".llm2wasm" / "logs" / HERMETIC / "verify-selftest.log"
-    assert "selftest passed" in log.read_text()
+    assert f"kept: {selftest_on_demand.run}" in line
+    assert "selftest passed" in selftest_on_demand.log
+    kept = list(selftest_on_demand.run.rglob("*"))
+    assert any(path.name == "app-config.json" for path in kept)
+    assert {path.lstat().st_uid for path in kept} == {os.getuid()}
 
 
 def test_verify_before_build_names_the_fix(hermetic_chain):

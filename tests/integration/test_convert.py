@@ -17,35 +17,36 @@ import pytest
 
 from llm2wasm.host.run import ConvertJob, run_convert_job
 from llm2wasm.image.convert.wasm_lib import inspect_library
-from tests.conftest import app_image, invoke, run_app
+from tests.conftest import app_image, invoke, run_app, shared_library_cache
 from tests.unit.test_convert_bundle import MODEL_RECORD_FIELDS
+
+# the session's library cache, for conversions whose compile is not what they test
+SHARED_LIBRARIES = {"LLM2WASM_LIB_CACHE": str(shared_library_cache())}
 
 
 @pytest.fixture(scope="module")
-def selftest(hermetic_chain, tmp_path_factory):
-    keep = tmp_path_factory.mktemp("selftest")
-    result = run_app("selftest", "--keep", "/keep/run", mounts={keep: "/keep"})
-    return keep / "run", result
+def selftest(selftest_on_demand):
+    """What the session's `invoke verify --selftest --keep` made (tests/conftest.py), and its output."""
+    assert selftest_on_demand.result.returncode == 0, selftest_on_demand.result.stdout + selftest_on_demand.log
+    return selftest_on_demand.run, selftest_on_demand.log
 
 
 def test_selftest_passes_with_a_real_peft_merge(selftest):
-    _, result = selftest
-    assert result.returncode == 0, result.stderr
-    assert "ok: the adapter changes the base model's logits" in result.stderr
-    assert "ok: merged logits equal base+adapter logits" in result.stderr
-    assert "selftest passed" in result.stderr
+    _, log = selftest
+    assert "ok: the adapter changes the base model's logits" in log
+    assert "ok: merged logits equal base+adapter logits" in log
+    assert "selftest passed" in log
 
 
 def test_selftest_makes_a_real_model_library(selftest):
-    run, result = selftest
-    assert result.returncode == 0, result.stderr
+    run, log = selftest
     for claim in (
         "it imports TVM's FFI callbacks from WebLLM's runtime",
         "WGSL compute kernels, paged-KV attention among them",
         "tensor-cache.json lists all",
         "compile's memory figures reach the app config",
     ):
-        assert any(line.strip().startswith("ok: ") and claim in line for line in result.stderr.splitlines()), claim
+        assert any(line.strip().startswith("ok: ") and claim in line for line in log.splitlines()), claim
     facts = inspect_library(run / "bundle" / "lib" / "tiny-llama-lora-q4f32_1.wasm")
     assert facts.size > 1_000_000 and len(facts.kernels) >= 20
     assert "env.TVMFFIWasmSafeCall" in facts.imports
@@ -197,8 +198,7 @@ def test_the_q4f32_reference_computes_with_the_weights_the_bundle_holds(selftest
     its scales bf16 as stored) equal, value for value, what the selftest's real q4f32_1 bundle
     stores for every quantized layer: the fused attention and MLP projections, the output head
     and the embedding."""
-    run, result = selftest
-    assert result.returncode == 0, result.stderr
+    run, _ = selftest
     compared = run_app("-c", QUANTIZED_WEIGHTS, mounts={run: "/selftest:ro"}, entrypoint="python", timeout=300)
     assert compared.returncode == 0, compared.stderr
     found = json.loads(compared.stdout.strip().splitlines()[-1])
@@ -243,7 +243,8 @@ def test_other_settings_need_force(plain_conversion, tmp_path):
     refused = run_app(*other, mounts=mounts)
     assert refused.returncode == 2
     assert "holds a bundle converted with other settings (quantization)" in refused.stderr
-    forced = run_app(*other, "--force", "--model-id", "tiny-f32", mounts=mounts)
+    # into the session's library cache: test_invoke_convert_on_the_host reuses this library
+    forced = run_app(*other, "--force", "--model-id", "tiny-f32", mounts=mounts, library_cache=shared_library_cache())
     assert forced.returncode == 0, forced.stderr
     record = json.loads((tmp_path / "out" / "app-config.json").read_text())["model_list"][0]
     assert record["model_id"] == "tiny-f32"
@@ -372,9 +373,14 @@ def test_invoke_convert_on_the_host(selftest, tmp_path):
         "llama-2",
         "--profile",
         "hermetic",
+        env=SHARED_LIBRARIES,
     )
     assert result.returncode == 0, result.stderr
     assert "on the CPU: Docker has no NVIDIA runtime" in result.stderr
+    # the library of this shape and these settings was compiled before in this session
+    # (test_other_settings_need_force): reused, and no message names the container's mount point
+    assert "library: reused from the library cache (key " in result.stderr, result.stderr[-3000:]
+    assert "/cache/libraries" not in result.stderr
     files = [path for path in out.rglob("*") if path.is_file()]
     assert any(path.name == "app-config.json" for path in files)
     assert {path.stat().st_uid for path in files} == {os.getuid()}

@@ -80,13 +80,26 @@ def select_checks(layer: str, image: str, parent_image: str | None, cache_dir: P
 SELFTEST_TIMEOUT = 1800.0
 
 
-def run_selftest(image: str, log_path: Path) -> tuple[subprocess.CompletedProcess, float]:
+def selftest_command(image: str, keep: Path | None = None) -> list[str]:
+    """The `docker` arguments of the selftest; with `keep`, what it makes (the tiny model, its adapter,
+    the bundle, the step logs) stays in keep/run on this host, owned by the invoking user."""
+    command = ["run", "--rm", "--network", "none"]
+    if keep is not None:
+        command += ["--user", f"{os.getuid()}:{os.getgid()}", "-v", f"{keep.resolve()}:/keep"]
+    return [*command, image, "selftest", *(["--keep", "/keep/run"] if keep is not None else [])]
+
+
+def run_selftest(image: str, log_path: Path, keep: Path | None = None) -> tuple[subprocess.CompletedProcess, float]:
     """`llm2wasm selftest` in `image` (a tiny model and LoRA made, merged and converted by the image's
     own mlc_llm, emscripten and WGSL check), without network; its whole output goes to log_path."""
     from llm2wasm.host import docker
 
+    if keep is not None:
+        if keep.exists() and any(keep.iterdir()):
+            raise UsageError(f"--keep folder {keep} is not empty: pass a new or empty folder")
+        keep.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    result = docker.run(["run", "--rm", "--network", "none", image, "selftest"], check=False, timeout=SELFTEST_TIMEOUT)
+    result = docker.run(selftest_command(image, keep), check=False, timeout=SELFTEST_TIMEOUT)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text(result.stdout + result.stderr)
     return result, time.monotonic() - started
@@ -225,12 +238,15 @@ def verify_images(
     own_only: bool = False,
     full: bool = False,
     selftest: bool = False,
+    keep: Path | None = None,
 ) -> list[str]:
-    """`invoke verify`: each layer's checks (and with `selftest`, a real conversion), a line each;
-    the names of what failed."""
+    """`invoke verify`: each layer's checks (and with `selftest`, a real conversion, what it made kept
+    in `keep`/run when given), a line each; the names of what failed."""
     from llm2wasm.host.state import STATE_DIR
 
     failed = []
+    if keep is not None and not selftest:
+        raise UsageError("--keep keeps what the selftest made: add --selftest")
     tag = selftest_tag(profile, repository) if selftest else None  # a missing image stops before any check
     for result, selection in verify_built(profile, layer, repository=repository, own_only=own_only, full=full):
         scope = ""
@@ -243,10 +259,11 @@ def verify_images(
             failed.append(result.layer)
     if tag:
         log = STATE_DIR / "logs" / profile.name / "verify-selftest.log"
-        outcome, seconds = run_selftest(tag, log)
+        outcome, seconds = run_selftest(tag, log, keep)
         passed = outcome.returncode == 0
         verdict = "PASS" if passed else "FAIL"
-        print(f"{'selftest':12} {verdict}  a real conversion in {tag}  ({seconds:.1f}s)  log: {log}")
+        kept = f"  kept: {keep / 'run'}" if keep is not None else ""
+        print(f"{'selftest':12} {verdict}  a real conversion in {tag}  ({seconds:.1f}s)  log: {log}{kept}")
         if not passed:
             print("\n".join((outcome.stdout + outcome.stderr).splitlines()[-30:]))
             failed.append("selftest")
