@@ -1,10 +1,17 @@
-"""`invoke batch` with the real hermetic chain: a spec of two models (one with a LoRA adapter) in two
-quantizations and one model that cannot be converted; the items run two at a time in the app image;
-the failed item is reported and the others finish; a re-run skips what is done; an item whose
-container is killed is reported failed (interrupted), not by its earlier "ok", and the next run
-converts it; the combined app config has WebLLM's own fields; one of its bundles generates
-transformers' tokens in the browser; and the item command runs with JOB_COMPLETION_INDEX as a
-Kubernetes pod runs it."""
+"""`invoke batch` with the real hermetic chain: a spec of two models in two quantizations, two
+fine-tunes (LoRA adapters) of the second, and one model that cannot be converted; the items run two
+at a time in the app image; the failed item is reported and the others finish; a re-run skips what
+is done; an item whose container is killed is reported failed (interrupted), not by its earlier
+"ok", and the next run converts it; the combined app config has WebLLM's own fields; and the item
+command runs with JOB_COMPLETION_INDEX as a Kubernetes pod runs it.
+
+The two fine-tunes share one compiled library (issue 30): they have their base's shape and
+settings, so the library cache gives the second the library the first filed (side by side, the
+cache's lock makes one wait for the other's compile), and each bundle holds its own merged weights.
+One headless Chromium then loads the plain model and both fine-tunes, and each generates its own
+transformers tokens: a library is right for weights it was not compiled with. `invoke clean
+--lib-cache` shows a cache's size and empties it.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from llm2wasm.image.convert.webllm_types import interface_fields
-from tests.browser import chromium_path, run_preview_page, start_preview
+from tests.browser import chromium_path, run_in_one_browser
 from tests.conftest import INVOKE, ROOT, app_image, invoke, run_app, shared_library_cache
 
 STEPS = 8
@@ -28,8 +35,13 @@ from pathlib import Path
 from llm2wasm.image.convert.checkmodels import make_browser_check_adapter, make_browser_check_model
 reference = make_browser_check_model(Path("/work/models/llama"), steps={STEPS})
 make_browser_check_model(Path("/work/models/qwen2"), steps={STEPS}, architecture="qwen2")
-make_browser_check_adapter(Path("/work/models/qwen2"), Path("/work/adapters/qwen2-lora"), steps={STEPS})
-Path("/work/reference.json").write_text(json.dumps(reference))
+tune_a = make_browser_check_adapter(Path("/work/models/qwen2"), Path("/work/adapters/qwen2-lora"), steps={STEPS})
+tune_b = make_browser_check_adapter(
+    Path("/work/models/qwen2"), Path("/work/adapters/qwen2-tune-b"), steps={STEPS},
+    first_seed=tune_a["adapter_seed"] + 1,
+)
+references = {{"llama-q0f32": reference, "qwen2-q0f32": tune_a, "qwen2-tune-b-q0f32": tune_b}}
+Path("/work/references.json").write_text(json.dumps(references))
 """
 SPEC = """
 base_url = "http://127.0.0.1:8000/"
@@ -49,11 +61,20 @@ adapter = "adapters/qwen2-lora"
 quantizations = ["q0f32"]
 
 [[model]]
+# another fine-tune of the same base: its library is the one above, from the library cache
+path = "models/qwen2"
+adapter = "adapters/qwen2-tune-b"
+model_id = "qwen2-tune-b"
+quantizations = ["q0f32"]
+
+[[model]]
 # a folder with no weights: `llm2wasm convert` refuses it, and only this item fails
 path = "models/broken"
 quantizations = ["q0f32"]
 """
-ITEMS = ["llama-q0f32", "llama-q4f32_1", "qwen2-q0f32", "broken-q0f32"]
+ITEMS = ["llama-q0f32", "llama-q4f32_1", "qwen2-q0f32", "qwen2-tune-b-q0f32", "broken-q0f32"]
+FINE_TUNES = ITEMS[2:4]
+BROKEN = len(ITEMS) - 1
 # the session's library cache: the re-runs reuse the first run's libraries, and the matrix rows of
 # the same shapes (tests/integration/test_models.py) reuse them too
 SHARED = {"LLM2WASM_LIB_CACHE": str(shared_library_cache())}
@@ -83,26 +104,26 @@ def first_run(batch_dir, tmp_path_factory):
 def test_every_item_runs_the_failed_one_is_reported_and_the_others_finish(first_run):
     out, result, _ = first_run
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "4 item(s) from" in result.stderr and "2 at a time" in result.stderr
-    for index, model_id in enumerate(ITEMS[:3]):
+    assert f"{len(ITEMS)} item(s) from" in result.stderr and "2 at a time" in result.stderr
+    for index, model_id in enumerate(ITEMS[:BROKEN]):
         assert f"<== [{index}] {model_id}: done in" in result.stderr
         assert (out / model_id / "lib" / f"{model_id}.wasm").is_file()
-    assert "!!! [3] broken-q0f32: failed (exit 2)" in result.stderr
+    assert f"!!! [{BROKEN}] broken-q0f32: failed (exit 2)" in result.stderr
     assert "1 item(s) failed; their logs are in" in result.stderr
-    assert "no weights" in (out / ".batch" / "item-3.log").read_text().lower()
+    assert "no weights" in (out / ".batch" / f"item-{BROKEN}.log").read_text().lower()
     # the table: every item, its status, time, library size and vram_required_MB
     assert "| 0 | llama-q0f32 | q0f32 | ok |" in result.stdout
-    assert "| 3 | broken-q0f32 | q0f32 | failed |" in result.stdout
+    assert f"| {BROKEN} | broken-q0f32 | q0f32 | failed |" in result.stdout
     report = json.loads((out / "batch-report.json").read_text())
-    assert [row["status"] for row in report["items"]] == ["ok", "ok", "ok", "failed"]
-    assert all(row["library_bytes"] > 0 and row["vram_required_MB"] > 0 for row in report["items"][:3])
+    assert [row["status"] for row in report["items"]] == ["ok"] * BROKEN + ["failed"]
+    assert all(row["library_bytes"] > 0 and row["vram_required_MB"] > 0 for row in report["items"][:BROKEN])
 
 
 def test_the_combined_app_config_lists_every_bundle_with_webllms_fields(first_run):
     out, _, _ = first_run
     app_config = json.loads((out / "app-config.json").read_text())
     records = app_config["model_list"]
-    assert [record["model_id"] for record in records] == ITEMS[:3]
+    assert [record["model_id"] for record in records] == ITEMS[:BROKEN]
     declarations = subprocess.run(
         ["docker", "run", "--rm", "--network", "none", "--entrypoint", "sh", app_image(), "-c",
          'cat "$LLM2WASM_WEBLLM_DIR/lib/config.d.ts"'],
@@ -124,8 +145,8 @@ def test_a_rerun_skips_what_is_done(batch_dir, first_run):
         "batch", str(batch_dir / "models.toml"), "-o", str(out), "--image", app_image(), "--jobs", "2", env=SHARED
     )
     seconds = time.monotonic() - started
-    assert result.returncode == 1 and "!!! [3] broken-q0f32: failed" in result.stderr
-    for model_id in ITEMS[:3]:
+    assert result.returncode == 1 and f"!!! [{BROKEN}] broken-q0f32: failed" in result.stderr
+    for model_id in ITEMS[:BROKEN]:
         log = (out / ".batch" / f"item-{ITEMS.index(model_id)}.log").read_text()
         assert "✓ compile: unchanged inputs, kept from an earlier run" in log and "✓ compile done in" not in log, log[
             -2000:
@@ -144,7 +165,7 @@ def test_the_item_command_reads_the_index_a_kubernetes_pod_gets(batch_dir, first
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "item 1 of 4: llama-q4f32_1" in result.stderr
+    assert f"item 1 of {len(ITEMS)}: llama-q4f32_1" in result.stderr
     status = json.loads((out / ".batch" / "item-1.json").read_text())
     assert status["status"] == "ok" and status["model_id"] == "llama-q4f32_1" and status["seconds"] < 60
 
@@ -208,7 +229,7 @@ def test_a_rerun_after_a_killed_item_reports_it_failed_and_the_next_run_converts
     record = json.loads((again / ".batch" / "item-0.json").read_text())
     assert record["status"] == "failed" and record["exit_code"] == 137
     report = json.loads((again / "batch-report.json").read_text())
-    assert [row["status"] for row in report["items"]] == ["failed", "ok", "ok", "failed"]
+    assert [row["status"] for row in report["items"]] == ["failed"] + ["ok"] * (BROKEN - 1) + ["failed"]
     combined = json.loads((again / "app-config.json").read_text())["model_list"]
     assert ITEMS[0] not in [record["model_id"] for record in combined]
     # the next run converts it again, and now it is ok
@@ -219,19 +240,56 @@ def test_a_rerun_after_a_killed_item_reports_it_failed_and_the_next_run_converts
     assert "✓ compile done in" in (again / ".batch" / "item-0.log").read_text()  # converted, not kept
     assert f"| 0 | {ITEMS[0]} | q0f32 | ok |" in result.stdout
     report = json.loads((again / "batch-report.json").read_text())
-    assert [row["status"] for row in report["items"]] == ["ok", "ok", "ok", "failed"]
+    assert [row["status"] for row in report["items"]] == ["ok"] * BROKEN + ["failed"]
 
 
-def test_a_bundle_of_the_batch_generates_transformers_tokens_in_the_browser(batch_dir, first_run):
+def compile_record(bundle: Path) -> dict:
+    return json.loads((bundle / ".llm2wasm" / "state.json").read_text())["steps"]["compile"]
+
+
+def library_of(bundle: Path) -> bytes:
+    (library,) = (bundle / "lib").glob("*.wasm")
+    return library.read_bytes()
+
+
+def test_the_second_fine_tune_reuses_the_first_ones_library(batch_dir, first_run):
+    out, _, _ = first_run
+    caches = [compile_record(out / model_id)["library_cache"] for model_id in FINE_TUNES]
+    # one key: the same base shape and settings; at most one of them compiled, the other reused it
+    # (both reuse when an earlier test of this session compiled that base)
+    assert caches[0]["key"] == caches[1]["key"] and any(cache["hit"] for cache in caches), caches
+    logs = [(out / ".batch" / f"item-{ITEMS.index(model_id)}.log").read_text() for model_id in FINE_TUNES]
+    assert any(f"library: reused from the library cache (key {caches[0]['key']}" in log for log in logs), logs
+    assert library_of(out / FINE_TUNES[0]) == library_of(out / FINE_TUNES[1])
+    # what was reused is the library only: each bundle holds its own merged weights
+    shards = [
+        sorted((out / model_id / "model" / "resolve" / "main").glob("params_shard_*.bin")) for model_id in FINE_TUNES
+    ]
+    assert shards[0] and [p.read_bytes() for p in shards[0]] != [p.read_bytes() for p in shards[1]]
+    references = json.loads((batch_dir / "references.json").read_text())
+    assert references[FINE_TUNES[0]]["reference_ids"] != references[FINE_TUNES[1]]["reference_ids"]
+
+
+def test_the_bundles_generate_their_own_transformers_tokens_in_one_browser(batch_dir, first_run):
+    """The plain model and both fine-tunes (one library), each against its own transformers reference."""
     if chromium_path() is None:
         pytest.fail("Debian's chromium is not installed: run `bash .ci/setup.sh` as root")
     out, _, _ = first_run
-    reference = json.loads((batch_dir / "reference.json").read_text())
-    url, name = start_preview(out / "llama-q0f32")
-    try:
-        run = run_preview_page(url, reference["prompt"], STEPS)
-    finally:
-        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
-    assert not run.page_errors and not run.webgpu_errors, (run.page_errors, run.webgpu_errors[:5])
-    (result,) = run.results
-    assert result["tokenIds"] == reference["reference_ids"]
+    references = json.loads((batch_dir / "references.json").read_text())
+    prompts = {reference["prompt"] for reference in references.values()}
+    assert len(prompts) == 1  # the browser-check prompt: one page script serves every bundle
+    run = run_in_one_browser(prompts.pop(), STEPS, bundles=[out / model_id for model_id in references])
+    assert not run.preview_errors and not run.page_errors, (run.preview_errors, run.page_errors)
+    assert not run.webgpu_errors, "\n".join(run.webgpu_errors[:5])
+    assert [result["tokenIds"] for result in run.results] == [r["reference_ids"] for r in references.values()]
+
+
+def test_clean_shows_the_caches_size_and_empties_it(first_run, tmp_path):
+    # a copy of the session's cache: the tests after this one reuse its libraries
+    cache = tmp_path / "libraries"
+    shutil.copytree(SHARED["LLM2WASM_LIB_CACHE"], cache)
+    assert list(cache.glob("??/*"))
+    result = invoke("clean", "--lib-cache", env={"LLM2WASM_LIB_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr
+    assert f"library cache {cache}:" in result.stdout and "MiB; emptied" in result.stdout
+    assert cache.is_dir() and not list(cache.glob("??/*"))
