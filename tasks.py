@@ -203,6 +203,8 @@ def verify(
         "(default: $LLM2WASM_LIB_CACHE, else ~/.cache/llm2wasm/libraries; docs/CONVERT.md)",
         "no_lib_cache": "compile the library even when the cache holds one of the same shape, settings and "
         "tools, and leave the cache alone",
+        "skip_memory_check": "convert even when the estimate of the memory it needs exceeds what the container may "
+        "use (the machine's memory less 1 GiB); the estimate is said either way (docs/CONVERT.md)",
         "allow_pickle": "a Hub model without safetensors: fetch its pytorch_model*.bin. Off by default: loading a "
         "pickle can run code from the repository (llm2wasm still inspects it opcode by opcode)",
     },
@@ -230,6 +232,7 @@ def convert(
     peft_merge=False,
     lib_cache=None,
     no_lib_cache=False,
+    skip_memory_check=False,
 ):
     """Convert a model (a folder or a Hub id, and optional PEFT adapter) into a WebLLM bundle, in the built image."""
     from llm2wasm.host.convertcommand import ConvertCommand, convert_command
@@ -257,6 +260,7 @@ def convert(
             force=force,
             no_wgsl_repair=not wgsl_repair,
             peft_merge=peft_merge,
+            skip_memory_check=skip_memory_check,
         ),
         gpu=False if cpu else None,
         library_cache=library_cache_for(lib_cache, no_lib_cache),

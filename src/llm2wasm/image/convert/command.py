@@ -30,6 +30,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         help="merge --adapter with transformers + peft, the whole model in memory, instead of the streaming "
         "merge (tensor by tensor, the default); what the streaming merge does not cover falls back to peft by itself",
     )
+    parser.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="run even when the estimate of the memory the conversion needs exceeds what this machine or the "
+        "container's limit has (docs/CONVERT.md); the estimate is said either way",
+    )
     parser.add_argument("--model-id", help="model_id in the WebLLM app config (default: OUT's name)")
     parser.add_argument("--prefill-chunk-size", type=int, help="prefill chunk size (1024 avoids WebGPU buffer limits)")
     parser.add_argument("--context-window", type=int, help="context window size")

@@ -62,6 +62,8 @@ class ConvertRequest:
     use_lib_cache: bool = True
     # merge with transformers + peft on the whole model, not tensor by tensor (llm2wasm.image.convert.merge)
     peft_merge: bool = False
+    # run even when the memory estimate exceeds what is available (llm2wasm.image.convert.memory)
+    skip_memory_check: bool = False
     # the model's default system message, where it differs from the chosen template's
     system_message: str | None = None
     warnings: list[str] = field(default_factory=list)
@@ -128,7 +130,7 @@ def safetensors_header(path: Path) -> dict:
             raise UsageError(f"{damaged} (its header claims {length:,} bytes): download it again")
         try:
             header = json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # ValueError: also an integer of 5,000 digits
             header = None
     if not isinstance(header, dict):
         raise UsageError(f"{damaged} (its header is not a JSON object): download it again")
@@ -389,6 +391,7 @@ def build_request(args, names: MlcNames, previous_bundle) -> ConvertRequest:
         strict_template=getattr(args, "strict_template", False),
         use_lib_cache=not getattr(args, "no_lib_cache", False),
         peft_merge=getattr(args, "peft_merge", False),
+        skip_memory_check=getattr(args, "skip_memory_check", False),
         warnings=warnings,
         model_files=model_files,
         adapter_files=adapter_files,

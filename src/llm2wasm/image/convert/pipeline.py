@@ -36,6 +36,7 @@ from llm2wasm.image.convert.chat import (
 from llm2wasm.image.convert.converter import Converter
 from llm2wasm.image.convert.hfconfig import ModelConfigAdapter
 from llm2wasm.image.convert.inputs import ConvertRequest, build_request, guess_template, warn
+from llm2wasm.image.convert.memory import check_memory
 from llm2wasm.image.convert.mlc import installed_names
 from llm2wasm.image.convert.outputlock import output_lock
 from llm2wasm.image.convert.progress import StepFailed, say
@@ -123,7 +124,8 @@ def convert_request(request: ConvertRequest, names) -> int:
     model_config = ModelConfigAdapter()
     model_config.check(request.model_view)
     converter = Converter(request, model_config)
-    converter.device()  # `--device cuda` without a GPU is bad input too
+    # `--device cuda` without a GPU is bad input too; and so is a conversion this machine cannot hold
+    check_memory(request, converter.device(), say)
     with output_lock(request.output):
         return convert_locked(request, converter, identity)
 
