@@ -196,11 +196,13 @@ def run_app(
     timeout: float = 900,
     entrypoint: str | None = None,
     library_cache: Path | None = None,
+    memory: str | None = None,
 ) -> subprocess.CompletedProcess:
     """`docker run` of the hermetic app image as the invoking user, without network: `llm2wasm ARGS`,
     or `ENTRYPOINT ARGS` (e.g. `python -c SCRIPT` to make a test model with the image's own libraries).
     With `library_cache`, a conversion shares libraries through that folder (as `invoke convert` mounts it)."""
     cmd = ["docker", "run", "--network", "none", "--user", f"{os.getuid()}:{os.getgid()}"]
+    cmd += ["--memory", memory] if memory else []  # a container memory limit (cgroup), as a CI job may set
     if library_cache is not None:
         cmd += ["-v", f"{library_cache}:/cache/libraries", "-e", "LLM2WASM_LIB_CACHE=/cache/libraries"]
     cmd += ["-d"] if detach else ["--rm"]

@@ -339,6 +339,20 @@ def test_real_compile_failure_is_a_failed_step_with_the_log_tail(selftest, tmp_p
     assert "finished steps are kept" in result.stderr
 
 
+def test_a_container_too_small_for_the_conversion_is_refused_before_any_step(selftest, tmp_path):
+    """The memory check reads the real container's cgroup limit: 1 GB holds less than the estimate
+    for this tiny model with an adapter (the processes' own memory), so it stops before any step, exit 2,
+    with both figures and nothing written (the flag that skips the check: tests/unit/test_memory_check.py)."""
+    run, _ = selftest
+    mounts = {run / "tiny-llama": "/model:ro", run / "tiny-lora": "/adapter:ro", tmp_path: "/work"}
+    args = ("convert", "/model", "--adapter", "/adapter", "-q", "q4f32_1", "--conv-template", "llama-2")
+    refused = run_app(*args, "-o", "/work/out", mounts=mounts, memory="1g")
+    assert refused.returncode == 2, refused.stderr
+    assert "1.1 GB is available (the container's memory limit, cgroup" in refused.stderr, refused.stderr
+    assert "this conversion needs about" in refused.stderr and "--skip-memory-check" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
