@@ -393,7 +393,10 @@ def test_invoke_convert_on_the_host(selftest, tmp_path):
     assert "on the CPU: Docker has no NVIDIA runtime" in result.stderr
     # the library of this shape and these settings was compiled before in this session
     # (test_other_settings_need_force): reused, and no message names the container's mount point
-    assert "library: reused from the library cache (key " in result.stderr, result.stderr[-3000:]
+    # (reused after test_other_settings_need_force; filed when this test runs alone)
+    assert "library: reused from the library cache (key " in result.stderr or (
+        "library: filed in the library cache (key " in result.stderr
+    ), result.stderr[-3000:]
     assert "/cache/libraries" not in result.stderr
     files = [path for path in out.rglob("*") if path.is_file()]
     assert any(path.name == "app-config.json" for path in files)
