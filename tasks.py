@@ -287,6 +287,8 @@ def convert(
         "(default: $LLM2WASM_LIB_CACHE, else ~/.cache/llm2wasm/libraries; docs/CONVERT.md)",
         "no_lib_cache": "compile the library even when the cache holds one of the same shape, settings and "
         "tools, and leave the cache alone",
+        "allow_pickle": "Hub items (hub =, adapter_hub =) without safetensors: fetch their pytorch_model*.bin. "
+        "Off by default, and only here, never in the spec: loading a pickle can run code from the repository",
     }
 )
 @friendly
@@ -304,6 +306,7 @@ def batch(
     cpu=False,
     lib_cache=None,
     no_lib_cache=False,
+    allow_pickle=False,
 ):
     """Convert every item of a batch spec in the built image, a few at a time; one app config for all."""
     from llm2wasm.host.batchrun import batch_command
@@ -321,6 +324,7 @@ def batch(
         claim=claim,
         parallelism=int(parallelism),
         library_cache=None if matrix or k8s else library_cache_for(lib_cache, no_lib_cache),
+        allow_pickle=allow_pickle,
     )
     if failed:
         raise Exit(f"{failed} item(s) failed; their logs are in {Path(output) / '.batch'}/", code=1)

@@ -365,3 +365,34 @@ def test_a_fetch_refusal_stops_the_batch_with_exit_2_before_any_item_runs(ship, 
     assert refused.value.exit_code == 2
     assert re.search(message, str(refused.value)), refused.value
     assert started == [] and not out.exists()
+
+
+def test_pickle_weights_are_fetched_only_when_the_command_line_allows_them(ship, hub, fetches):
+    hub.seed_repo("org/pickled", {"config.json": "{}", "pytorch_model.bin": b"\0" * 8})
+    spec = parse_spec('[[model]]\nhub = "org/pickled"\nquantizations = ["q0f32"]\n', ship / "models.toml")
+    with pytest.raises(UsageError, match=r"only as pickle files .*--allow-pickle") as refused:
+        batchrun.fetch_hub_sources(spec, lambda text: None)
+    assert refused.value.exit_code == 2
+    sources = batchrun.fetch_hub_sources(spec, lambda text: None, allow_pickle=True)
+    assert sorted(sources.models["org/pickled"].model_files) == ["config.json", "pytorch_model.bin"]
+
+
+def test_a_spec_cannot_allow_pickles_for_itself(tmp_path):
+    # the spec may come from someone else: the decision to fetch pickles is the command line's alone
+    for entry in ('allow_pickle = true\n[[model]]\nhub = "org/pickled"\n',
+                  '[[model]]\nhub = "org/pickled"\nallow_pickle = true\n',
+                  '[defaults]\nallow_pickle = true\n[[model]]\nhub = "org/pickled"\n'):  # fmt: skip
+        with pytest.raises(UsageError, match="allow_pickle"):
+            spec_of(entry, tmp_path)
+
+
+def test_invoke_batch_passes_allow_pickle_to_the_fetch(ship, monkeypatch, tmp_path):
+    import tasks
+    from invoke import Context
+
+    seen = {}
+    monkeypatch.setattr(batchrun, "run_batch", lambda *args, **kwargs: seen.update(kwargs) or [])
+    tasks.batch(Context(), str(ship / "models.toml"), output=str(tmp_path / "out"), allow_pickle=True)
+    assert seen["allow_pickle"] is True
+    tasks.batch(Context(), str(ship / "models.toml"), output=str(tmp_path / "out"))
+    assert seen["allow_pickle"] is False

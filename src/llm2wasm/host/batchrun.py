@@ -82,16 +82,22 @@ class HubSources:
         return self.adapters[item.adapter_hub] if item.adapter_hub else None
 
 
-def fetch_hub_sources(spec: BatchSpec, say: Callable[[str], None]) -> HubSources:
+def fetch_hub_sources(spec: BatchSpec, say: Callable[[str], None], *, allow_pickle: bool = False) -> HubSources:
     """Every distinct Hub model and adapter of the spec, fetched once (what the cache holds is not
-    downloaded again), before any item runs: a refusal is a UsageError (exit 2) and nothing has run."""
+    downloaded again), before any item runs: a refusal is a UsageError (exit 2) and nothing has run.
+    allow_pickle comes from the command line, never from the spec: a spec is input that may come from
+    someone else, and fetching pickles is the user's own decision (as `invoke convert --allow-pickle`)."""
     models = sorted({item.hub for item in spec.items if item.hub})
     adapters = sorted({item.adapter_hub for item in spec.items if item.adapter_hub})
     if models or adapters:
         say(f"llm2wasm batch: fetching {len(models) + len(adapters)} Hub model(s) and adapter(s) on this host")
     return HubSources(
-        models={text: fetch_model_source(hubfetch.parse_hub_ref(text)) for text in models},
-        adapters={text: fetch_adapter_source(hubfetch.parse_hub_ref(text)) for text in adapters},
+        models={
+            text: fetch_model_source(hubfetch.parse_hub_ref(text), allow_pickle=allow_pickle) for text in models
+        },
+        adapters={
+            text: fetch_adapter_source(hubfetch.parse_hub_ref(text), allow_pickle=allow_pickle) for text in adapters
+        },
     )
 
 
@@ -156,6 +162,7 @@ def run_batch(
     jobs: int | None = None,
     gpu: bool | None = None,
     library_cache: Path | None = None,
+    allow_pickle: bool = False,
     say: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True),
 ) -> list[Outcome]:
     spec = load_spec(spec_path.resolve())  # every problem of the spec, before anything runs
@@ -166,7 +173,7 @@ def run_batch(
     output = output.resolve()
     if output == spec.root or spec.root in output.parents:
         raise UsageError(f"output {output} is inside the spec's folder {spec.root}: write the bundles elsewhere")
-    hub = fetch_hub_sources(spec, say)  # before anything is written or run: a refusal stops the batch whole
+    hub = fetch_hub_sources(spec, say, allow_pickle=allow_pickle)  # before anything is written or run: a refusal stops the batch whole
     (output / STATUS_DIR).mkdir(parents=True, exist_ok=True)
     gpu = docker_has_gpu_runtime() if gpu is None else gpu
     total = len(spec.items)
@@ -225,6 +232,7 @@ def batch_command(
     claim: str = "llm2wasm-batch",
     parallelism: int = 2,
     library_cache: Path | None = None,
+    allow_pickle: bool = False,
 ) -> int:
     """`invoke batch`: the GitHub matrix or the Kubernetes Job of a spec (printed), or every item run
     here, a table of outcomes printed; the number of items that failed."""
@@ -243,7 +251,7 @@ def batch_command(
         return 0
     if output is None:
         raise UsageError("batch needs --output (-o): invoke batch models.toml -o OUT")
-    results = run_batch(spec, output, image, jobs=jobs, gpu=gpu, library_cache=library_cache)
+    results = run_batch(spec, output, image, jobs=jobs, gpu=gpu, library_cache=library_cache, allow_pickle=allow_pickle)
     print(table(results))
     succeeded = [outcome for outcome in results if outcome.status == "ok"]
     print(f"{len(succeeded)} of {len(results)} bundle(s) in {output / 'app-config.json'}", file=sys.stderr)
