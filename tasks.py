@@ -204,7 +204,8 @@ def verify(
         "no_lib_cache": "compile the library even when the cache holds one of the same shape, settings and "
         "tools, and leave the cache alone",
         "skip_memory_check": "convert even when the estimate of the memory it needs exceeds what the container may "
-        "use (the machine's memory less 1 GiB); the estimate is said either way (docs/CONVERT.md)",
+        "use (the machine's memory less 1 GiB, or $LLM2WASM_MEMORY_LIMIT); the estimate is said either way "
+        "(docs/CONVERT.md)",
         "allow_pickle": "a Hub model without safetensors: fetch its pytorch_model*.bin. Off by default: loading a "
         "pickle can run code from the repository (llm2wasm still inspects it opcode by opcode)",
     },

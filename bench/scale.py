@@ -518,7 +518,14 @@ def main() -> int:
     parser.add_argument("--cpu", action="store_true", help="convert without the GPU (invoke convert --cpu)")
     parser.add_argument("--peft-merge", action="store_true", help="merge with peft, not tensor by tensor")
     parser.add_argument("--print-only", action="store_true", help="print the tables, do not append to results.md")
+    parser.add_argument(
+        "--memory-limit",
+        help="the conversion container's memory limit, as Docker spells it (8g): does the conversion fit a "
+        "machine of that size? (default: this machine's memory less 1 GiB)",
+    )
     args = parser.parse_args()
+    if args.memory_limit:  # invoke convert reads it (llm2wasm.host.run.default_memory_limit)
+        os.environ["LLM2WASM_MEMORY_LIMIT"] = args.memory_limit
     shapes, cases = args.shapes.split(","), args.cases.split(",")
     for name, chosen, known in (("shape", shapes, SHAPES), ("case", cases, CASES)):
         unknown = [value for value in chosen if value not in known]

@@ -191,6 +191,35 @@ def test_a_conversion_cannot_take_all_of_the_machines_memory(tmp_path, model, im
     assert limit == max(2 * 2**30, total - 2**30) and head[head.index("--memory-swap") + 1] == str(limit)
 
 
+def test_a_smaller_memory_limit_is_the_users_choice(tmp_path, model, image_present, monkeypatch):
+    monkeypatch.setenv(run_module.MEMORY_LIMIT_VARIABLE, "8g")
+    cmd, _ = docker_command(
+        ConvertJob(image="img", model_dir=model, output=tmp_path / "o", quantization="q", gpu=False)
+    )
+    assert cmd[cmd.index("--memory") + 1] == str(8 * 2**30) == cmd[cmd.index("--memory-swap") + 1]
+    assert run_module.memory_limit_source() == "LLM2WASM_MEMORY_LIMIT"
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("8g", 8 * 2**30), ("8G", 8 * 2**30), ("8GiB", 8 * 2**30), ("16384m", 16 * 2**30), ("1.5g", 3 * 2**29),
+     (str(2**31), 2**31), ("2147483648b", 2**31)],
+)  # fmt: skip
+def test_memory_sizes_are_read_as_docker_reads_them(text, size):
+    assert run_module.parse_memory_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "8x", "g", "-8g", "512m", "0"])
+def test_a_memory_limit_that_is_no_size_or_too_small_is_refused_with_exit_2(text, tmp_path, model, image_present,
+                                                                            monkeypatch):  # fmt: skip
+    monkeypatch.setenv(run_module.MEMORY_LIMIT_VARIABLE, text)
+    with pytest.raises(UsageError, match="LLM2WASM_MEMORY_LIMIT") as refused:
+        run_module.run_convert_job(
+            ConvertJob(image="img", model_dir=model, output=tmp_path / "o", quantization="q", gpu=False)
+        )
+    assert refused.value.exit_code == 2 and not (tmp_path / "o").exists()  # nothing created
+
+
 def test_convert_options_pass_values_and_flags_and_leave_out_the_rest():
     assert run_module.convert_options(
         conv_template="chatml", model_id=None, context_window=4096, force=True, no_wgsl_repair=False

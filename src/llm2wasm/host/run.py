@@ -36,10 +36,40 @@ STOP_GRACE_SECONDS = 10
 # responsive, so running out kills the conversion (exit 137, said so) and nothing else.
 HOST_MEMORY_RESERVE = 2**30
 MIN_MEMORY_LIMIT = 2 * 2**30
+# A smaller limit, chosen by the user: a CI runner shared with other jobs, or proving that a
+# conversion fits a smaller machine (bench/scale.py --memory-limit). Docker's units: 8g is 8 GiB.
+MEMORY_LIMIT_VARIABLE = "LLM2WASM_MEMORY_LIMIT"
+MEMORY_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_memory_size(text: str) -> int:
+    """Docker's spelling of a size (8g, 512m, 8589934592; binary units, an optional b or ib after
+    the letter); UsageError (exit 2) for anything else or for less than 1 GiB."""
+    spelled = text.strip().lower().removesuffix("ib").removesuffix("b")
+    number, unit = (spelled[:-1], spelled[-1]) if spelled[-1:].isalpha() else (spelled, "")
+    try:
+        size = int(float(number) * MEMORY_UNITS[unit])
+    except (KeyError, ValueError):
+        raise UsageError(
+            f"{MEMORY_LIMIT_VARIABLE}={text!r} is not a size: give one as Docker does, such as 8g (8 GiB) or 16384m"
+        ) from None
+    if size < 2**30:
+        raise UsageError(f"{MEMORY_LIMIT_VARIABLE}={text!r}: a conversion needs at least 1 GiB; give a larger size")
+    return size
+
+
+def memory_limit_source() -> str:
+    if os.environ.get(MEMORY_LIMIT_VARIABLE):
+        return f"{MEMORY_LIMIT_VARIABLE}"
+    return "this machine's memory less 1 GiB"
 
 
 def default_memory_limit() -> int | None:
-    """The machine's memory less a reserve for the host (None where it cannot be read)."""
+    """The conversion container's memory limit: $LLM2WASM_MEMORY_LIMIT when set, else the machine's
+    memory less a reserve for the host (None where it cannot be read)."""
+    chosen = os.environ.get(MEMORY_LIMIT_VARIABLE)
+    if chosen:
+        return parse_memory_size(chosen)
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -241,7 +271,7 @@ def run_convert_job(job: ConvertJob) -> int:
         limit = default_memory_limit()
         print(
             "llm2wasm: the conversion was killed (exit 137): out of memory"
-            + (f" (its container may use {limit / 2**30:.1f} GiB, this machine's memory less 1 GiB)" if limit else "")
+            + (f" (its container may use {limit / 2**30:.1f} GiB, {memory_limit_source()})" if limit else "")
             + " or by `docker kill`. Finished steps are kept: re-run to resume, with fewer conversions at once",
             file=sys.stderr,
         )
