@@ -8,6 +8,10 @@ command runs with JOB_COMPLETION_INDEX as a Kubernetes pod runs it.
 The two fine-tunes share one compiled library (issue 30): they have their base's shape and
 settings, so the library cache gives the second the library the first filed (side by side, the
 cache's lock makes one wait for the other's compile), and each bundle holds its own merged weights.
+The second fine-tune comes from the Hub (issue 27): its base and its adapter are repositories of the
+stand-in Hub (tests/standins/hub, on 127.0.0.1), fetched once on the host with the real
+`huggingface_hub` client before any item runs, mounted into an item container that has no network,
+and cited by commit in the bundle's source.json.
 One headless Chromium then loads the plain model and both fine-tunes, and each generates its own
 transformers tokens: a library is right for weights it was not compiled with. `invoke clean
 --lib-cache` shows a cache's size and empties it.
@@ -27,6 +31,8 @@ import pytest
 from llm2wasm.image.convert.webllm_types import interface_fields
 from tests.browser import chromium_path, run_in_one_browser
 from tests.conftest import INVOKE, ROOT, app_image, invoke, run_app, shared_library_cache
+from tests.standins.hub import CLIENT_UNSET, client_environment
+from tests.standins.hub.server import StandinHub
 
 STEPS = 8
 MAKE_MODELS = f"""
@@ -61,9 +67,10 @@ adapter = "adapters/qwen2-lora"
 quantizations = ["q0f32"]
 
 [[model]]
-# another fine-tune of the same base: its library is the one above, from the library cache
-path = "models/qwen2"
-adapter = "adapters/qwen2-tune-b"
+# another fine-tune of the same base, base and adapter from the Hub: fetched on this host before any
+# item runs; its library is the one above, from the library cache
+hub = "org/qwen2"
+adapter_hub = "someone/qwen2-tune-b"
 model_id = "qwen2-tune-b"
 quantizations = ["q0f32"]
 
@@ -78,6 +85,22 @@ BROKEN = len(ITEMS) - 1
 # the session's library cache: the re-runs reuse the first run's libraries, and the matrix rows of
 # the same shapes (tests/integration/test_models.py) reuse them too
 SHARED = {"LLM2WASM_LIB_CACHE": str(shared_library_cache())}
+HUB_MODEL, HUB_ADAPTER = "org/qwen2", "someone/qwen2-tune-b"
+
+
+def files_of(folder: Path) -> dict[str, Path]:
+    return {path.name: path for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+def batch_task(*args: str, hub: dict) -> subprocess.CompletedProcess:
+    """`invoke batch` as a user runs it: the session's library cache, the Hub client pointed at the
+    stand-in (no login of this machine's)."""
+    return subprocess.run([*INVOKE, "batch", *args], capture_output=True, text=True, cwd=ROOT, timeout=3600,
+                          env=batch_environment(hub))  # fmt: skip
+
+
+def batch_environment(hub: dict) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in CLIENT_UNSET} | SHARED | hub["environment"]
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +115,23 @@ def batch_dir(hermetic_chain, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def first_run(batch_dir, tmp_path_factory):
+def hub(batch_dir, tmp_path_factory):
+    """The stand-in Hub, serving for the whole module, holding the second fine-tune's base and
+    adapter; its commits and the environment that points a client at it."""
+    home = tmp_path_factory.mktemp("hub")
+    with StandinHub(home / "store") as server:
+        commits = {
+            HUB_MODEL: server.seed_repo(HUB_MODEL, files_of(batch_dir / "models" / "qwen2")),
+            HUB_ADAPTER: server.seed_repo(HUB_ADAPTER, files_of(batch_dir / "adapters" / "qwen2-tune-b")),
+        }
+        yield {"server": server, "commits": commits, "environment": client_environment(server.url, home / "client")}
+
+
+@pytest.fixture(scope="module")
+def first_run(batch_dir, hub, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     started = time.monotonic()
-    result = invoke(
-        "batch", str(batch_dir / "models.toml"), "-o", str(out), "--image", app_image(), "--jobs", "2", env=SHARED
-    )
+    result = batch_task(str(batch_dir / "models.toml"), "-o", str(out), "--image", app_image(), "--jobs", "2", hub=hub)
     return out, result, time.monotonic() - started
 
 
@@ -138,13 +172,26 @@ def test_the_combined_app_config_lists_every_bundle_with_webllms_fields(first_ru
         assert record["model_lib"] == f"http://127.0.0.1:8000/{record['model_id']}/lib/{record['model_id']}.wasm"
 
 
-def test_a_rerun_skips_what_is_done(batch_dir, first_run):
+def test_the_hub_item_is_fetched_once_on_the_host_and_cites_its_commits(first_run, hub):
+    out, result, _ = first_run
+    assert "fetching 2 Hub model(s) and adapter(s) on this host" in result.stderr
+    source = json.loads((out / FINE_TUNES[1] / "source.json").read_text())
+    assert (source["repo_id"], source["commit"]) == (HUB_MODEL, hub["commits"][HUB_MODEL])
+    assert source["adapter_merged"] is True and source["adapter"]["commit"] == hub["commits"][HUB_ADAPTER]
+    card = (out / FINE_TUNES[1] / "README.md").read_text()
+    assert f"{HUB_MODEL}@{hub['commits'][HUB_MODEL]}" in card  # the bundle says what it was made from
+    # the item's container had no network: the files came mounted from the host's Hub cache
+    cached = Path(hub["environment"]["HF_HUB_CACHE"])
+    assert (cached / "models--org--qwen2").is_dir() and (cached / "models--someone--qwen2-tune-b").is_dir()
+
+
+def test_a_rerun_skips_what_is_done(batch_dir, first_run, hub):
     out, _, first_seconds = first_run
+    hub["server"].requests.clear()
     started = time.monotonic()
-    result = invoke(
-        "batch", str(batch_dir / "models.toml"), "-o", str(out), "--image", app_image(), "--jobs", "2", env=SHARED
-    )
+    result = batch_task(str(batch_dir / "models.toml"), "-o", str(out), "--image", app_image(), "--jobs", "2", hub=hub)
     seconds = time.monotonic() - started
+    assert hub["server"].served(containing="/resolve/") == [], "the Hub files were downloaded again"
     assert result.returncode == 1 and f"!!! [{BROKEN}] broken-q0f32: failed" in result.stderr
     for model_id in ITEMS[:BROKEN]:
         log = (out / ".batch" / f"item-{ITEMS.index(model_id)}.log").read_text()
@@ -182,7 +229,8 @@ def container_of_run(run_id: str) -> str | None:
     return None
 
 
-def test_a_rerun_after_a_killed_item_reports_it_failed_and_the_next_run_converts_it(batch_dir, first_run, tmp_path):
+def test_a_rerun_after_a_killed_item_reports_it_failed_and_the_next_run_converts_it(batch_dir, first_run, hub,
+                                                                                    tmp_path):  # fmt: skip
     # item 0 finished ok before (its record and complete bundle are kept); only its finished steps
     # are forgotten (the folder stays an llm2wasm bundle, so convert resumes it rather than refusing
     # a foreign folder), so this run converts it for a minute, long enough to kill it part-way
@@ -204,7 +252,7 @@ def test_a_rerun_after_a_killed_item_reports_it_failed_and_the_next_run_converts
         "1",
     ]
     runner = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **SHARED}
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=batch_environment(hub)
     )
     try:
         deadline = time.monotonic() + 600
@@ -233,9 +281,8 @@ def test_a_rerun_after_a_killed_item_reports_it_failed_and_the_next_run_converts
     combined = json.loads((again / "app-config.json").read_text())["model_list"]
     assert ITEMS[0] not in [record["model_id"] for record in combined]
     # the next run converts it again, and now it is ok
-    result = invoke(
-        "batch", str(batch_dir / "models.toml"), "-o", str(again), "--image", app_image(), "--jobs", "2", env=SHARED
-    )
+    result = batch_task(str(batch_dir / "models.toml"), "-o", str(again), "--image", app_image(), "--jobs", "2",
+                        hub=hub)  # fmt: skip
     assert result.returncode == 1 and f"<== [0] {ITEMS[0]}: done in" in result.stderr, result.stderr
     assert "✓ compile done in" in (again / ".batch" / "item-0.log").read_text()  # converted, not kept
     assert f"| 0 | {ITEMS[0]} | q0f32 | ok |" in result.stdout

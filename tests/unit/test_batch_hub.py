@@ -387,8 +387,9 @@ def test_a_spec_cannot_allow_pickles_for_itself(tmp_path):
 
 
 def test_invoke_batch_passes_allow_pickle_to_the_fetch(ship, monkeypatch, tmp_path):
-    import tasks
     from invoke import Context
+
+    import tasks
 
     seen = {}
     monkeypatch.setattr(batchrun, "run_batch", lambda *args, **kwargs: seen.update(kwargs) or [])

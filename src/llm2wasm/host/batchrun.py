@@ -92,9 +92,7 @@ def fetch_hub_sources(spec: BatchSpec, say: Callable[[str], None], *, allow_pick
     if models or adapters:
         say(f"llm2wasm batch: fetching {len(models) + len(adapters)} Hub model(s) and adapter(s) on this host")
     return HubSources(
-        models={
-            text: fetch_model_source(hubfetch.parse_hub_ref(text), allow_pickle=allow_pickle) for text in models
-        },
+        models={text: fetch_model_source(hubfetch.parse_hub_ref(text), allow_pickle=allow_pickle) for text in models},
         adapters={
             text: fetch_adapter_source(hubfetch.parse_hub_ref(text), allow_pickle=allow_pickle) for text in adapters
         },
@@ -173,7 +171,8 @@ def run_batch(
     output = output.resolve()
     if output == spec.root or spec.root in output.parents:
         raise UsageError(f"output {output} is inside the spec's folder {spec.root}: write the bundles elsewhere")
-    hub = fetch_hub_sources(spec, say, allow_pickle=allow_pickle)  # before anything is written or run: a refusal stops the batch whole
+    # before anything is written or run: a refusal stops the batch whole
+    hub = fetch_hub_sources(spec, say, allow_pickle=allow_pickle)
     (output / STATUS_DIR).mkdir(parents=True, exist_ok=True)
     gpu = docker_has_gpu_runtime() if gpu is None else gpu
     total = len(spec.items)

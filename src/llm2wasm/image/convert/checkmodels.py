@@ -115,6 +115,16 @@ def without_rope_scaling(model_dir: Path, out: Path) -> Path:
     return out
 
 
+def quiet_filler_rows(model, words: int) -> None:
+    """The output head's rows of the filler words (ids from `words` on) scaled down to a tenth: among
+    tens of thousands of random rows the best and the runner-up are close, and no seed gives a
+    decisive continuation; quieted, the words win as in the small vocabulary. The sampler still
+    takes the softmax of every logit and sorts every probability, which is what the size costs."""
+    if model.config.tie_word_embeddings:
+        raise ValueError("a padded vocabulary needs an untied output head (the filler rows are scaled there)")
+    model.get_output_embeddings().weight[words:].mul_(0.1)
+
+
 def decisive_scale_targets(model) -> list:
     """What to scale to scale the logits: the output head, or where it is tied to the input
     embeddings (scaling those would drown every layer in the input token) the final norm's weight
@@ -127,30 +137,47 @@ def decisive_scale_targets(model) -> list:
 
 
 def make_browser_check_model(
-    out: Path, steps: int = 8, min_margin: float = 1.0, architecture: str = "llama", quantization: str = "q0f32"
+    out: Path,
+    steps: int = 8,
+    min_margin: float = 1.0,
+    architecture: str = "llama",
+    quantization: str = "q0f32",
+    vocab_size: int | None = None,
+    also_decisive_for: tuple[str, ...] = (),
+    first_seed: int = 0,
 ) -> dict:
     """A tiny model of `architecture` whose greedy continuation is decisive, for comparing a
     browser's tokens with transformers' id for id: its vocabulary is exactly the tokenizer's (no id
     the tokenizer cannot name), its output head is scaled up so the best token beats the runner-up
     by at least `min_margin` logits at every step (float32 on a GPU differs from the CPU by ~1e-4),
     and the continuation holds no end-of-sequence token (so both sides generate all `steps`) and at
-    least three different tokens (a stuck repetition would prove little)."""
+    least three different tokens (a stuck repetition would prove little). `vocab_size` makes the
+    vocabulary that large (filler words after the tokenizer's own), as real models' are: what a
+    runner's sampler costs grows with it. `also_decisive_for`: other quantizations whose references
+    must be as decisive (their tokens may differ), for a model converted to several. Seeds are tried
+    from `first_seed` on (a caller that knows the first one that works skips the search)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    vocab_size = len(WORDS) + 3
-    for seed in range(50):
-        model_dir = make_tiny_model(out, architecture, seed=seed, vocab_size=vocab_size)
+    tokenizer_size = vocab_size
+    vocab_size = vocab_size or len(WORDS) + 3
+    for seed in range(first_seed, first_seed + 50):
+        model_dir = make_tiny_model(out, architecture, seed=seed, vocab_size=vocab_size, tokenizer_size=tokenizer_size)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
         with torch.no_grad():
             for parameter in decisive_scale_targets(model):
                 parameter.mul_(60.0)
             for parameter, scale in check_model_scales(model):
                 parameter.mul_(scale)
+            if tokenizer_size is not None:
+                quiet_filler_rows(model, len(WORDS) + 3)
         model.save_pretrained(str(model_dir), safe_serialization=True)
         reference = greedy_reference(model_dir, BROWSER_CHECK_PROMPT, steps, quantization)
         chosen = reference["reference_ids"]
         if not (reference["min_margin"] >= min_margin and 2 not in chosen and len(set(chosen)) >= 3):
+            continue
+        others = [greedy_reference(model_dir, BROWSER_CHECK_PROMPT, steps, other) for other in also_decisive_for]
+        if any(other["min_margin"] < min_margin or 2 in other["reference_ids"] for other in others):
             continue
         extra = {}
         scaling = rope_type(model.config)
@@ -162,7 +189,9 @@ def make_browser_check_model(
                 continue
             extra = {"rope_type": scaling, "without_rope_scaling_ids": plain}
         return {**reference, "seed": seed, "architecture": architecture, **extra}
-    raise RuntimeError(f"no seed below 50 gives a continuation with margins >= {min_margin}")
+    raise RuntimeError(
+        f"no seed from {first_seed} to {first_seed + 49} gives a continuation with margins >= {min_margin}"
+    )
 
 
 def make_browser_check_adapter(

@@ -25,13 +25,19 @@ CHATML_TEMPLATE = (
 )
 
 
-def make_tokenizer(out: Path, chat: bool = False):
+def make_tokenizer(out: Path, chat: bool = False, size: int | None = None):
     """A word-level tokenizer over WORDS (and, for a chat model, ChatML's markers and roles with a
-    ChatML chat template): a vocabulary this small keeps SwiftShader's sampler compile short."""
+    ChatML chat template): a vocabulary this small keeps SwiftShader's sampler compile short. With
+    `size`, filler words (w<id>) after those make it `size` tokens: a realistic vocabulary (SmolLM's
+    49,152), every id one the tokenizer can name, for timing what a vocabulary's size costs a runner."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tokens = ["<unk>", "<s>", "</s>", *WORDS, *((CHAT_SPECIAL + CHAT_WORDS) if chat else [])]
+    if size is not None:
+        if size < len(tokens):
+            raise ValueError(f"a tokenizer of {size} tokens cannot hold the {len(tokens)} words it needs")
+        tokens += [f"w{index}" for index in range(len(tokens), size)]
     vocab = {token: index for index, token in enumerate(tokens)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -149,8 +155,11 @@ ARCHITECTURES = {
 }
 
 
-def make_tiny_model(out: Path, architecture: str = "llama", seed: int = 0, vocab_size: int = 512) -> Path:
-    """A tiny random model of `architecture`, saved by the installed transformers in its own format."""
+def make_tiny_model(
+    out: Path, architecture: str = "llama", seed: int = 0, vocab_size: int = 512, tokenizer_size: int | None = None
+) -> Path:
+    """A tiny random model of `architecture`, saved by the installed transformers in its own format;
+    its tokenizer is make_tokenizer's, of `tokenizer_size` tokens when given."""
     import torch
     import transformers
 
@@ -167,7 +176,7 @@ def make_tiny_model(out: Path, architecture: str = "llama", seed: int = 0, vocab
     )
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.save_pretrained(str(out), safe_serialization=True)
-    make_tokenizer(out)
+    make_tokenizer(out, size=tokenizer_size)
     return out
 
 
