@@ -152,3 +152,8 @@ def test_a_bundle_names_the_users_folder_not_the_mount_point(monkeypatch):
     assert hostpaths.shown_name(Path("/elsewhere/m")) == "m"
     monkeypatch.delenv(hostpaths.HOST_PATHS_VARIABLE)
     assert hostpaths.shown_name(Path("/input/model")) == "model"
+
+    # files fetched from the Hub are named by their id and commit, whole (the org too)
+    commit = "4e9db559d6bed3348b13e8645ad28398cdafd858"
+    monkeypatch.setenv(hostpaths.HOST_PATHS_VARIABLE, json.dumps({"/input/model": f"org/qwen2@{commit}"}))
+    assert hostpaths.shown_name(Path("/input/model")) == f"org/qwen2@{commit}"

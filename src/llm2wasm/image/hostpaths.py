@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path, PurePath
 from typing import TextIO
 
 HOST_PATHS_VARIABLE = "LLM2WASM_HOST_PATHS"
+# how the host names files it fetched from the Hub (llm2wasm.host.hubconvert): org/name@<commit>
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}")
 
 
 def host_paths() -> dict[str, str]:
@@ -35,8 +38,12 @@ def to_host(text: str, mapping: dict[str, str]) -> str:
 
 def shown_name(path: Path) -> str:
     """The name the user knows a mounted folder by: the host folder's, not the mount point's
-    (`invoke convert ~/models/llama-ft` runs on /input/model)."""
-    return PurePath(to_host(str(path), host_paths())).name or path.name
+    (`invoke convert ~/models/llama-ft` runs on /input/model); for files fetched from the Hub, the
+    id and commit they came from, whole (`org/name@<commit>`: its last part alone would drop the org)."""
+    shown = to_host(str(path), host_paths())
+    if shown != str(path) and HUB_ID.fullmatch(shown):  # not a folder of the host's: a Hub id
+        return shown
+    return PurePath(shown).name or path.name
 
 
 class HostPathStream:
