@@ -31,7 +31,7 @@ import pytest
 from llm2wasm.image.convert.webllm_types import interface_fields
 from tests.browser import chromium_path, run_in_one_browser
 from tests.conftest import INVOKE, ROOT, app_image, invoke, run_app, shared_library_cache
-from tests.standins.hub import CLIENT_UNSET, client_environment
+from tests.standins.hub import child_environment, client_environment, files_of
 from tests.standins.hub.server import StandinHub
 
 STEPS = 8
@@ -88,10 +88,6 @@ SHARED = {"LLM2WASM_LIB_CACHE": str(shared_library_cache())}
 HUB_MODEL, HUB_ADAPTER = "org/qwen2", "someone/qwen2-tune-b"
 
 
-def files_of(folder: Path) -> dict[str, Path]:
-    return {path.name: path for path in sorted(folder.iterdir()) if path.is_file()}
-
-
 def batch_task(*args: str, hub: dict) -> subprocess.CompletedProcess:
     """`invoke batch` as a user runs it: the session's library cache, the Hub client pointed at the
     stand-in (no login of this machine's)."""
@@ -100,7 +96,7 @@ def batch_task(*args: str, hub: dict) -> subprocess.CompletedProcess:
 
 
 def batch_environment(hub: dict) -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in CLIENT_UNSET} | SHARED | hub["environment"]
+    return child_environment(SHARED | hub["environment"])
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,14 @@ revision each conversion asked for, in one Chromium. Only the two models and one
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from tests.browser import chromium_path, run_in_one_browser
 from tests.conftest import INVOKE, ROOT, run_app
-from tests.standins.hub import CLIENT_UNSET, client_environment
+from tests.standins.hub import child_environment, client_environment, files_of
 from tests.standins.hub.server import StandinHub
 
 STEPS = 8
@@ -51,12 +49,8 @@ CARD = "---\nlicense: apache-2.0\n---\n\n# tiny\n\nA tiny Llama for llm2wasm's t
 
 def task(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     """An invoke task as a user runs it, its Hub client pointed at the stand-in (no login of this machine's)."""
-    environment = {k: v for k, v in os.environ.items() if k not in CLIENT_UNSET} | env
+    environment = child_environment(env)
     return subprocess.run([*INVOKE, *args], capture_output=True, text=True, cwd=ROOT, timeout=3600, env=environment)
-
-
-def files_of(folder: Path) -> dict[str, Path]:
-    return {path.name: path for path in sorted(folder.iterdir()) if path.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ def parse_memory_size(text: str) -> int:
 
 def memory_limit_source() -> str:
     if os.environ.get(MEMORY_LIMIT_VARIABLE):
-        return f"{MEMORY_LIMIT_VARIABLE}"
+        return MEMORY_LIMIT_VARIABLE
     return "this machine's memory less 1 GiB"
 
 

@@ -7,6 +7,7 @@ tests) configures the real `huggingface_hub` client to use it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 # What a client must not bring from the calling environment: a login, offline mode, another token file.
@@ -24,6 +25,17 @@ def client_environment(endpoint: str, home: Path) -> dict[str, str]:
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_XET": "1",
     }
+
+
+def child_environment(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment less CLIENT_UNSET (no login of this machine's reaches the child),
+    with `extra` on top (client_environment's variables, and HF_TOKEN where the child should have one)."""
+    return {k: v for k, v in os.environ.items() if k not in CLIENT_UNSET} | extra
+
+
+def files_of(folder: Path) -> dict[str, Path]:
+    """The regular files directly in `folder`, by name: what seed_repo commits from a made model."""
+    return {path.name: path for path in sorted(folder.iterdir()) if path.is_file()}
 
 
 def point_client_at(monkeypatch, endpoint: str, home: Path) -> None:

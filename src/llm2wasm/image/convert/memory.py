@@ -295,9 +295,9 @@ def convert_weight_peak(files: list[Path], quantization: str) -> tuple[int, str]
         return 3 * largest.stat().st_size, f"{largest.name} read whole (a pickle checkpoint)"
     tensors = [tensor for path in files for tensor in read_tensors(path)]
     elements, src, what = largest_parameter(tensors)
-    if quantization in COPIES:  # not measured at scale: as read off the code
-        return int(elements * max(copies * dst, src + dst)), f"{what}, {elements / 1e6:,.0f}M elements"
-    return int(elements * (copies * dst + src + MEASURED_EXTRA_BYTES)), f"{what}, {elements / 1e6:,.0f}M elements"
+    measured = quantization not in COPIES  # q0f16/q0f32 were not measured at scale: as read off the code
+    per_element = copies * dst + src + MEASURED_EXTRA_BYTES if measured else max(copies * dst, src + dst)
+    return int(elements * per_element), f"{what}, {elements / 1e6:,.0f}M elements"
 
 
 def merge_peak(request: ConvertRequest, device: str) -> tuple[int, str]:
