@@ -215,6 +215,29 @@ def test_a_damaged_or_hostile_model_exits_2_and_writes_nothing(made, tmp_path, c
     assert not out.exists()
 
 
+# adapter_config.json fields no merge can use: each failed deep in the merge with a traceback, and
+# the pattern held the conversion (and the CI job running it) without end, in peft as in llm2wasm
+BAD_ADAPTER_CONFIGS = {
+    "a pattern that backtracks without end": ({"target_modules": "(.*)*z"}, "takes over 2 s to match"),
+    "a rank that is a string": ({"r": "16"}, "r is str '16': a rank is a whole number above 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ADAPTER_CONFIGS))
+def test_a_hostile_adapter_config_exits_2_and_writes_nothing(made, tmp_path, case):
+    model, adapter = copy_of(made, "tiny", tmp_path), copy_of(made, "lora", tmp_path)
+    fields, message = BAD_ADAPTER_CONFIGS[case]
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, **fields}))
+    out = tmp_path / "out"
+    started = time.monotonic()
+    result = convert(model, out, "-q", "q0f32", "--conv-template", "llama-2", "--adapter", str(adapter))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert time.monotonic() - started < 120
+    assert not out.exists()
+
+
 def test_paths_with_colon_and_comma_reach_the_converter(made, tmp_path):
     """`-v` would read ':' as a volume spec (exit 125); the converter itself must answer (here: the
     quantization it does not know)."""

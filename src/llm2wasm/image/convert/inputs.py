@@ -15,6 +15,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from llm2wasm.errors import UsageError
+from llm2wasm.image.convert.adapterconfig import (
+    ALL_LINEAR,
+    adapter_config_problem,
+    slow_pattern_problem,
+)
 from llm2wasm.image.convert.inputfiles import InputFiles, select_adapter_files, select_model_files
 from llm2wasm.image.convert.mlc import WEBGPU_QUANTIZATIONS, MlcNames
 
@@ -280,16 +285,29 @@ def check_adapter(adapter: Path, model_files: InputFiles, config: dict, warnings
             f"adapter type {peft_type or 'unknown'!r} cannot be merged into the weights: llm2wasm merges "
             f"{', '.join(sorted(MERGEABLE_PEFT_TYPES))} adapters (prompt-tuning types add no weights)"
         )
-    targets = adapter_config.get("target_modules") or []
-    if isinstance(targets, str):  # a regular expression in PEFT
-        targets = [targets]
+    problem = adapter_config_problem(adapter_config)
+    if problem:
+        raise UsageError(
+            f"{adapter / 'adapter_config.json'}: {problem}. It is not a config PEFT wrote: fix the field, "
+            "or ask the adapter's author for the folder save_pretrained wrote"
+        )
     model_names = safetensors_names(weight_files(model_files))
+    problem = slow_pattern_problem(adapter_config, model_names)
+    if problem:
+        raise UsageError(
+            f"{adapter / 'adapter_config.json'}: {problem}. PEFT would hang on it: use another adapter, or "
+            "rewrite the pattern without nested repetition (a list of module names does the same job)"
+        )
+    targets = adapter_config.get("target_modules") or []
+    # PEFT reads a string as one regular expression (timed above) and a list as module names
+    expression = targets if isinstance(targets, str) else None
+    targets = [targets] if isinstance(targets, str) else targets
     if targets and model_names:
 
         def hit(target: str) -> bool:
-            if any(ch in target for ch in "*()[]|^$\\"):
-                return any(re.search(target, name) for name in model_names)
-            return any(f".{target}." in f".{name}" for name in model_names)
+            if expression is not None and target != ALL_LINEAR:
+                return any(re.search(expression, name) for name in model_names)
+            return target == ALL_LINEAR or any(f".{target}." in f".{name}" for name in model_names)
 
         if not any(hit(target) for target in targets):
             raise UsageError(

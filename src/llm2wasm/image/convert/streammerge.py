@@ -23,13 +23,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llm2wasm.image.convert.adapterconfig import ALL_LINEAR
 from llm2wasm.image.convert.inputs import safetensors_header
 
 ADAPTER_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-ALL_LINEAR = "all-linear"
 
 # adapter_config.json keys the merge reads, or that only say how the adapter was trained or
 # initialised (its saved A and B are what counts) and change nothing in the merged weights
@@ -126,7 +126,8 @@ def is_targeted(config: dict, module: str) -> bool:
                 return False
         elif module in excluded or any(module.endswith(f".{name}") for name in excluded):
             return False
-    if any(re.match(rf"(^|.*\.){name}($|\..*)", module) for name in config.get("modules_to_save") or []):
+    # names, not patterns (PEFT compares them with endswith)
+    if any(re.match(rf"(^|.*\.){re.escape(name)}($|\..*)", module) for name in config.get("modules_to_save") or []):
         return False
     targets = config.get("target_modules")
     if targets is None:
