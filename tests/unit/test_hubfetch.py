@@ -247,3 +247,39 @@ def test_public_endpoint_drops_credentials():
         "https://hub.example:8443/mirror"
     )
     assert hubfetch.public_endpoint("https://huggingface.co/") == "https://huggingface.co"
+
+
+def test_a_config_larger_than_the_converter_reads_is_refused_before_it_is_downloaded(hub, monkeypatch):
+    # the converter refuses a config over 16 MiB (inputfiles.SMALL_FILE_LIMIT); a repository made to
+    # fill the disk is refused from the sizes the Hub lists, before any byte of it is fetched
+    monkeypatch.setattr(hubfetch, "SMALL_FILE_LIMIT", 64)
+    model = sharded_model()
+    model["config.json"] = json.dumps({"model_type": "llama", "padding": "x" * 100})
+    hub.seed_repo("org/model", model)
+    with pytest.raises(UsageError, match=r"org/model: its config.json is 0 MiB on the Hub, more than any config.json"):
+        hubfetch.fetch_model("org/model")
+    assert hub.served(containing="/resolve/") == []
+
+
+@pytest.mark.parametrize("free", [0, hubfetch.DISK_MARGIN + 280])
+def test_a_download_the_cache_disk_cannot_hold_is_refused_before_it_starts(hub, monkeypatch, tmp_path, free):
+    # free=0: nothing fits; DISK_MARGIN + 280: the configs and the index (272 bytes) fit, the shards (300
+    # bytes) do not, and they are not fetched
+    hub.seed_repo("org/model", sharded_model())
+    monkeypatch.setattr(hubfetch, "free_bytes", lambda folder: free)
+    with pytest.raises(UsageError) as error:
+        hubfetch.fetch_model("org/model")
+    assert "GB free (1 GiB kept back); they were not downloaded" in str(error.value)
+    assert "point HF_HUB_CACHE (or HF_HOME) at a disk with room" in str(error.value)
+    fetched = {path.rsplit("/", 1)[-1] for _, path in hub.served("GET", "/resolve/")}
+    assert fetched.isdisjoint(SHARDS)
+    assert fetched == (set() if free == 0 else {*CONVERSION_FILES, "model.safetensors.index.json"})
+
+
+def test_what_is_in_the_cache_already_needs_no_room(hub, monkeypatch, capsys):
+    hub.seed_repo("org/model", sharded_model())
+    hubfetch.fetch_model("org/model")
+    assert "GB to download into" in capsys.readouterr().err
+    monkeypatch.setattr(hubfetch, "free_bytes", lambda folder: hubfetch.DISK_MARGIN)
+    hubfetch.fetch_model("org/model")  # every file is in the snapshot: nothing to hold
+    assert "to download" not in capsys.readouterr().err

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,12 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from llm2wasm.errors import UsageError
+from llm2wasm.image.convert.inputfiles import (
+    SMALL_FILE_LIMIT,
+    TOKENIZER_FILE_LIMIT,
+    TOKENIZER_NAMES,
+    WEIGHT_SUFFIXES,
+)
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
@@ -52,6 +59,8 @@ PROVENANCE_FILE = "source.json"
 # A revision is a branch, a tag, a commit id or a ref such as refs/pr/1: no spaces, no `..`.
 REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,254}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# room left on the cache's disk after a download, for the conversion's scratch and the system
+DISK_MARGIN = 2**30
 
 
 @dataclass(frozen=True)
@@ -196,11 +205,12 @@ def fetch_model(
     with explained(ref, endpoint, cache, api):
         # resolve_revision falls back on the cache's refs/ when the Hub cannot be reached
         revision = api.resolve_revision(ref.repo_id, revision=ref.revision, cache_dir=cache)
-        online, license = not constants.is_offline_mode(), None
+        online, license, sizes = not constants.is_offline_mode(), None, {}
         if online:
             try:
                 info = api.model_info(ref.repo_id, revision=revision.resolved, files_metadata=True)
                 names = {sibling.rfilename for sibling in info.siblings or []}
+                sizes = {sibling.rfilename: sibling.size for sibling in info.siblings or [] if sibling.size is not None}
                 license = getattr(info.card_data, "license", None) if info.card_data else None
             except _unreachable():
                 online = False
@@ -208,9 +218,14 @@ def fetch_model(
             tree = get_cached_repo_tree(ref.repo_id, revision=revision.resolved, cache_dir=cache)
             names = {entry.path for entry in tree}
         files, index = plan_files(names, str(ref), allow_pickle=allow_pickle)
+        snapshot = snapshot_folder(cache, ref.repo_id, revision.resolved)
+        if online:
+            check_download(files, sizes, snapshot, cache, str(ref))
         folder = _download(ref, revision, files, cache, api, online)
         if index is not None:
             files += index_shards(folder / index, names, str(ref))
+            if online:
+                check_download(files, sizes, snapshot, cache, str(ref))
             folder = _download(ref, revision, files, cache, api, online)
     missing = [name for name in files if not (folder / name).is_file()]
     if missing:
@@ -221,6 +236,48 @@ def fetch_model(
     return FetchedModel(
         ref.repo_id, ref.revision, revision.resolved, folder, tuple(files), public_endpoint(endpoint), license
     )
+
+
+def snapshot_folder(cache: Path, repo_id: str, commit: str) -> Path:
+    """Where the client puts a commit's files (huggingface_hub's cache layout)."""
+    return cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
+
+
+def size_limit(name: str) -> int | None:
+    """The most a file of this name may hold, as the converter reads it (weights: no limit)."""
+    if name.endswith(WEIGHT_SUFFIXES):
+        return None
+    return TOKENIZER_FILE_LIMIT if name in TOKENIZER_NAMES else SMALL_FILE_LIMIT
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space on the disk that holds `folder` (or the nearest folder above it that exists)."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    return shutil.disk_usage(existing).free
+
+
+def check_download(files: list[str], sizes: dict[str, int], snapshot: Path, cache: Path, shown: str) -> None:
+    """Before anything is downloaded, from the sizes the Hub lists: no config or tokenizer file larger
+    than the converter would read (a repository made to fill the disk), and room on the cache's disk
+    for what is not in the cache already."""
+    for name in files:
+        limit = size_limit(name)
+        if limit is not None and sizes.get(name, 0) > limit:
+            raise UsageError(
+                f"{shown}: its {name} is {sizes[name] / 2**20:,.0f} MiB on the Hub, more than any {name} needs "
+                f"({limit // 2**20} MiB); it was not downloaded. The repository is damaged or made to fill the "
+                "disk: pick another repository or revision"
+            )
+    needed = sum(sizes.get(name, 0) for name in files if not (snapshot / name).exists())
+    free = free_bytes(cache)
+    if needed + DISK_MARGIN > free:
+        raise UsageError(
+            f"{shown}: the files it still needs take {needed / 1e9:,.2f} GB, and the disk of the Hugging Face cache "
+            f"{cache} has {free / 1e9:,.2f} GB free ({DISK_MARGIN / 2**30:g} GiB kept back); they were not downloaded. "
+            "Free space there, or point HF_HUB_CACHE (or HF_HOME) at a disk with room"
+        )
+    if needed:
+        print(f"{shown}: {needed / 1e9:,.2f} GB to download into {cache}", file=sys.stderr)
 
 
 def _download(ref: HubRef, revision, files: list[str], cache: Path, api, online: bool) -> Path:
