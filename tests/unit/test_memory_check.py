@@ -414,3 +414,18 @@ def test_the_flag_reaches_the_container_from_invoke_convert(tmp_path, monkeypatc
             Context(), str(model), quantization="q4f16_1", output=str(tmp_path / "out"), skip_memory_check=skip
         )
     assert ["--skip-memory-check" in job.options for job in jobs] == [False, True]
+
+
+# bench/results.md, 2026-12-05: the Qwen2.5-7B shape (152,064-row embedding, 4 key/value heads), untied
+@pytest.mark.parametrize(
+    ("with_adapter", "quantization", "measured"),
+    [(False, "q4f16_1", 5.93), (True, "q4f16_1", 6.17), (False, "q4f32_1", 8.09), (True, "q4f32_1", 7.89)],
+)
+def test_the_estimate_covers_the_qwen2_5_7b_shape(tmp_path, with_adapter, quantization, measured):
+    base = llama(tmp_path / "model", layers=28, hidden=3584, inter=18944, vocab=152064, kv=512)
+    adapter = None
+    if with_adapter:
+        adapter = lora(tmp_path / "lora", base, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"})  # fmt: skip
+    result = estimate(request(tmp_path / "model", adapter, quantization=quantization), "cpu")
+    assert measured * GB <= result.raw and result.needed < 2 * measured * GB, (result.summary(), measured)
