@@ -128,6 +128,16 @@ def adapter_config_problem(config: dict) -> str | None:
     return None
 
 
+def name_end(pattern: str) -> str:
+    """PEFT's get_pattern_key: `pattern` matches the whole module name or its end after a dot."""
+    return rf"(.*\.)?({pattern})$"
+
+
+def layer_segment(layers_pattern: str) -> str:
+    """The numbered segment after `layers_pattern` in a module name (its group `idx`)."""
+    return rf"(?:^|.*?\.){layers_pattern}\.(?P<idx>\d+)\."
+
+
 def config_patterns(config: dict) -> list[tuple[str, str]]:
     """(field, regular expression) for each pattern PEFT matches module names with; the config is
     one adapter_config_problem passed."""
@@ -161,7 +171,7 @@ def slow_pattern_problem(config: dict, tensor_names: Iterable[str], seconds: flo
     ways PEFT and llm2wasm match it (whole name, search, name end after a dot, a layer's index)."""
     names = module_names(tensor_names)
     for key, pattern in config_patterns(config):
-        forms = (pattern, rf"(.*\.)?({pattern})$", rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.")
+        forms = (pattern, name_end(pattern), layer_segment(pattern))
         try:
             with time_limit(seconds):
                 for name in names:

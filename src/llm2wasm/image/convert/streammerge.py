@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llm2wasm.image.convert.adapterconfig import ALL_LINEAR
+from llm2wasm.image.convert.adapterconfig import ALL_LINEAR, layer_segment, name_end
 from llm2wasm.image.convert.inputs import safetensors_header
 
 ADAPTER_PREFIX = "base_model.model."
@@ -86,7 +86,7 @@ def pattern_key(patterns, module: str) -> str | None:
     """The first rank_pattern / alpha_pattern key naming `module` (PEFT's get_pattern_key: the key,
     a regular expression, matches the whole name or its end after a dot)."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if re.match(name_end(key), module):
             return key
     return None
 
@@ -112,7 +112,7 @@ def layer_index(module: str, layers_pattern) -> int | None:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
     else:
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))), None)
+        match = next((m for p in patterns if (m := re.match(layer_segment(p), module))), None)
     return int(match.group("idx")) if match else None
 
 
