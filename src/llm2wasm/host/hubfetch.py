@@ -240,7 +240,9 @@ def fetch_model(
 
 def snapshot_folder(cache: Path, repo_id: str, commit: str) -> Path:
     """Where the client puts a commit's files (huggingface_hub's cache layout)."""
-    return cache / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
+    from huggingface_hub.file_download import repo_folder_name
+
+    return cache / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots" / commit
 
 
 def size_limit(name: str) -> int | None:

@@ -299,19 +299,15 @@ def check_adapter(adapter: Path, model_files: InputFiles, config: dict, warnings
             "rewrite the pattern without nested repetition (a list of module names does the same job)"
         )
     targets = adapter_config.get("target_modules") or []
-    # PEFT reads a string as one regular expression (timed above) and a list as module names
-    expression = targets if isinstance(targets, str) else None
-    targets = [targets] if isinstance(targets, str) else targets
-    if targets and model_names:
-
-        def hit(target: str) -> bool:
-            if expression is not None and target != ALL_LINEAR:
-                return any(re.search(expression, name) for name in model_names)
-            return target == ALL_LINEAR or any(f".{target}." in f".{name}" for name in model_names)
-
-        if not any(hit(target) for target in targets):
+    listed = [targets] if isinstance(targets, str) else targets
+    if listed and model_names and ALL_LINEAR not in listed:
+        if isinstance(targets, str):  # PEFT: one regular expression (timed above)
+            hit = any(re.search(targets, name) for name in model_names)
+        else:  # PEFT: module names
+            hit = any(f".{target}." in f".{name}" for target in targets for name in model_names)
+        if not hit:
             raise UsageError(
-                f"the adapter targets modules {', '.join(targets)}, none of which exist in {model_dir}: "
+                f"the adapter targets modules {', '.join(listed)}, none of which exist in {model_dir}: "
                 "it was trained for another architecture. Pass the base model the adapter was made for"
             )
     declared = str(adapter_config.get("base_model_name_or_path") or "")
